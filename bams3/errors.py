@@ -1,0 +1,27 @@
+"""User-facing errors: every one becomes a single line on stderr and a non-zero exit."""
+
+
+class Bams3Error(Exception):
+    """An error the user can act on. ``str(err)`` is the one line printed by the CLI."""
+
+    exit_code = 1
+
+
+class InputError(Bams3Error):
+    """The input (BAM/SAM/CRAM, region, option) is invalid."""
+
+
+class DatasetError(Bams3Error):
+    """The dataset is missing, incomplete or corrupt."""
+
+
+class StoreError(Bams3Error):
+    """A storage operation failed (local filesystem or S3)."""
+
+
+class NotFound(StoreError):
+    """Object or dataset does not exist."""
+
+
+class PreconditionFailed(StoreError):
+    """A conditional read/write did not hold (object changed, or already exists)."""

@@ -1,0 +1,116 @@
+"""The store interface (after zarr-python v3's ``Store``): a flat key/value space of objects
+under one dataset prefix, with ranged and conditional reads and conditional writes.
+
+Byte ranges are ``(start, end)`` with ``end`` exclusive, as Python slices.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable, Iterator, Sequence
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the store prefix
+    size: int
+    etag: str | None = None  # S3 ETag (quotes stripped) or a local stand-in (mtime_ns-size)
+    version_id: str | None = None
+    storage_class: str | None = None
+    last_modified: float | None = None  # seconds since the epoch
+
+
+def parse_uri(uri: str) -> tuple[str, str | None, str]:
+    """Split ``uri`` into (scheme, bucket, prefix). Local paths give ("file", None, path)."""
+    if uri.startswith("s3://"):
+        rest = uri[5:]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise InputError(f"bad S3 URI {uri!r}: expected s3://bucket/prefix")
+        return "s3", bucket, prefix.strip("/")
+    if "://" in uri:
+        raise InputError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
+    return "file", None, uri
+
+
+class Store(abc.ABC):
+    """A dataset's objects. Implementations: LocalStore (directory), S3Store (bucket/prefix)."""
+
+    uri: str
+
+    # -- reads ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def get(self, key: str, byte_range: tuple[int, int] | None = None, *,
+            if_match: str | None = None) -> bytes:
+        """Return the object's bytes (or ``byte_range`` of them).
+
+        Raises NotFound if absent, PreconditionFailed if ``if_match`` (an ETag) no longer holds.
+        """
+
+    def get_with_info(self, key: str) -> tuple[bytes, ObjectInfo]:
+        """Whole object plus its info (ETag/version) from a single request where possible."""
+        data = self.get(key)
+        return data, self.head(key)
+
+    def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]], *,
+                   if_match: str | None = None) -> list[bytes]:
+        """Several ranges of one object (S3: parallel ranged GETs). Order follows ``ranges``."""
+        return [self.get(key, r, if_match=if_match) for r in ranges]
+
+    @abc.abstractmethod
+    def head(self, key: str) -> ObjectInfo:
+        """Info for ``key``; raises NotFound."""
+
+    def exists(self, key: str) -> bool:
+        from ..errors import NotFound
+
+        try:
+            self.head(key)
+            return True
+        except NotFound:
+            return False
+
+    @abc.abstractmethod
+    def list_prefix(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Objects whose key starts with ``prefix`` (relative keys)."""
+
+    def open_read(self, key: str) -> BinaryIO:
+        """A streaming reader over the whole object (used for spill runs)."""
+        import io
+
+        return io.BytesIO(self.get(key))
+
+    # -- writes --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def set(self, key: str, data: bytes, *, if_none_match: bool = False,
+            content_type: str | None = None) -> ObjectInfo:
+        """Write ``data`` at ``key`` atomically (readers never see a partial object).
+
+        ``if_none_match=True`` fails with PreconditionFailed if ``key`` already exists.
+        S3: multipart above the configured part size, retried with backoff.
+        """
+
+    @abc.abstractmethod
+    def delete(self, keys: Iterable[str]) -> None:
+        """Delete the given keys (missing keys are fine)."""
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = [o.key for o in self.list_prefix(prefix)]
+        self.delete(keys)
+        return len(keys)
+
+    def cleanup_incomplete(self) -> int:
+        """Abort/remove anything half-written under this prefix (S3: multipart uploads)."""
+        return 0
+
+    def close(self) -> None:
+        """Release connections / thread pools."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,111 @@
+"""A dataset in a local directory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Iterable, Iterator
+
+from ..errors import NotFound, PreconditionFailed, StoreError
+from .base import ObjectInfo, Store
+
+
+class LocalStore(Store):
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.uri = self.root
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *key.split("/"))
+
+    def _info(self, key: str, st: os.stat_result) -> ObjectInfo:
+        return ObjectInfo(key=key, size=st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}",
+                          last_modified=st.st_mtime)
+
+    def get(self, key, byte_range=None, *, if_match=None):
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                if if_match is not None and self._info(key, os.fstat(f.fileno())).etag != if_match:
+                    raise PreconditionFailed(f"{path} changed since it was indexed")
+                if byte_range is None:
+                    return f.read()
+                start, end = byte_range
+                f.seek(start)
+                return f.read(end - start)
+        except FileNotFoundError:
+            raise NotFound(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise StoreError(f"{path}: is a directory, expected a file") from None
+        except PermissionError:
+            raise StoreError(f"{path}: permission denied") from None
+
+    def head(self, key):
+        path = self._path(key)
+        try:
+            return self._info(key, os.stat(path))
+        except FileNotFoundError:
+            raise NotFound(f"{path}: no such file") from None
+
+    def list_prefix(self, prefix=""):
+        if not os.path.isdir(self.root):
+            return iter(())
+        return self._walk(prefix)
+
+    def _walk(self, prefix) -> Iterator[ObjectInfo]:
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in sorted(files):
+                full = os.path.join(dirpath, name)
+                key = os.path.relpath(full, self.root).replace(os.sep, "/")
+                if key.startswith(prefix):
+                    try:
+                        yield self._info(key, os.stat(full))
+                    except FileNotFoundError:
+                        continue
+
+    def open_read(self, key):
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise NotFound(f"{self._path(key)}: no such file") from None
+
+    def set(self, key, data, *, if_none_match=False, content_type=None):
+        path = self._path(key)
+        d = os.path.dirname(path)
+        try:
+            os.makedirs(d, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if if_none_match:
+                try:
+                    os.link(tmp, path)  # atomic create-if-absent
+                except FileExistsError:
+                    raise PreconditionFailed(f"{path} already exists") from None
+                finally:
+                    os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
+        except PermissionError:
+            raise StoreError(f"{path}: permission denied") from None
+        except OSError as e:
+            if isinstance(e, StoreError):
+                raise
+            raise StoreError(f"{path}: {e.strerror or e}") from None
+        return self.head(key)
+
+    def delete(self, keys: Iterable[str]):
+        for key in keys:
+            try:
+                os.unlink(self._path(key))
+            except FileNotFoundError:
+                pass
+
+    def cleanup_incomplete(self):
+        n = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    os.unlink(os.path.join(dirpath, name))
+                    n += 1
+        return n
