@@ -14,7 +14,7 @@ def open_store(uri: str, **s3_options) -> Store:
     if scheme == "s3":
         from .s3 import S3Store  # boto3 is imported only when S3 is used
 
-        return S3Store(bucket, prefix, **s3_options)
+        return S3Store(bucket, prefix, **{k: v for k, v in s3_options.items() if v is not None})
     return LocalStore(prefix)
 
 

@@ -55,6 +55,17 @@ class Store(abc.ABC):
         data = self.get(key)
         return data, self.head(key)
 
+    def get_small(self, key: str, *, max_age: float | None = None) -> tuple[bytes, ObjectInfo]:
+        """A small metadata object (manifest, index, header), possibly from a local cache.
+
+        ``max_age``: seconds a cached copy may be served without asking the store (S3 only;
+        ``float('inf')`` for immutable objects, 0 to force revalidation). Local: plain read.
+        """
+        return self.get_with_info(key)
+
+    def invalidate(self, key: str) -> None:
+        """Forget any cached copy of ``key``."""
+
     def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]], *,
                    if_match: str | None = None) -> list[bytes]:
         """Several ranges of one object (S3: parallel ranged GETs). Order follows ``ranges``."""

@@ -1,0 +1,226 @@
+"""The conversion pipeline: input -> (sort) -> blocks -> encode -> chunks -> upload -> commit.
+
+This is the one implementation used by ``bams3 convert`` and by the Prefect flow
+``convert-to-s3`` (which wraps the same steps as tasks). Memory is bounded by
+``max_memory`` (sort runs) plus a few blocks per thread and ``concurrency + 1`` chunks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from bams3core.bam import RecordBatch
+from bams3core.index import Manifest
+from bams3core.planner import (DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK_BYTES, BlockPlanner, ChunkAssembler, OrderError,
+                               PlannedChunk)
+from bams3core.sorting import (decode_run_frames, encode_run_frame, header_sort_order, merge_sorted, sort_batch,
+                               sorted_header_text)
+
+import numpy as np
+import zstandard
+
+from .dataset import DatasetWriter, encode_block
+from .errors import Bams3Error, InputError
+from .inputs import AlignmentInput, open_input
+from .store import Store
+
+DEFAULT_MAX_MEMORY = 768 << 20
+
+
+@dataclass
+class ConvertOptions:
+    reference: str | None = None
+    threads: int = 2
+    max_memory: int = DEFAULT_MAX_MEMORY
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    overwrite: bool = False
+    upload_concurrency: int | None = None  # default: the store's concurrency, else 2 x threads
+    progress: Callable[[dict], None] | None = None
+
+
+@dataclass
+class ConvertResult:
+    manifest: Manifest
+    seconds: float
+    records: int
+    bytes_written: int
+    spill_runs: int = 0
+    chunks: list = field(default_factory=list)
+
+
+# -- sorting ----------------------------------------------------------------------------
+class ExternalSorter:
+    """Sorts a record stream like `samtools sort`, spilling sorted runs to the store."""
+
+    def __init__(self, store: Store, run_id: str, max_memory: int):
+        self.store = store
+        self.prefix = f"_tmp/{run_id}/"
+        self.run_bytes = max(1 << 16, max_memory // 2)
+        self.frame_bytes = max(1 << 12, min(1 << 16, max_memory // 16))
+        self.fan_in = max(2, max_memory // (2 * self.frame_bytes))
+        self.runs: list[str] = []
+        self._cctx = zstandard.ZstdCompressor(level=1)
+        self._n = 0
+
+    def _spill(self, batches: Iterator[RecordBatch]) -> str:
+        key = f"{self.prefix}run-{self._n:06d}"
+        self._n += 1
+        frames = []
+        for b in batches:
+            frames.extend(self._frames(b))
+        self.store.set(key, b"".join(frames))
+        return key
+
+    def _frames(self, batch: RecordBatch) -> list[bytes]:
+        out, start, n = [], 0, len(batch)
+        offs = batch.offsets
+        while start < n:
+            stop = int(np.searchsorted(offs, offs[start] + self.frame_bytes, side="right")) - 1
+            stop = max(start + 1, min(stop, n))
+            out.append(encode_run_frame(batch.slice(start, stop), self._cctx))
+            start = stop
+        return out
+
+    def _read_run(self, key: str) -> Iterator[RecordBatch]:
+        f = self.store.open_read(key)
+        try:
+            yield from decode_run_frames(f.read)
+        finally:
+            f.close()
+
+    def sort(self, batches: Iterator[RecordBatch]) -> Iterator[RecordBatch]:
+        buf: list[RecordBatch] = []
+        size = 0
+        for b in batches:
+            buf.append(b)
+            size += len(b.raw())
+            if size >= self.run_bytes:
+                run = sort_batch(RecordBatch.concat(buf))
+                buf, size = [], 0
+                self.runs.append(self._spill(iter([run])))
+        last = sort_batch(RecordBatch.concat(buf)) if buf else None
+        if not self.runs:
+            if last is not None and len(last):
+                yield last
+            return
+        if last is not None and len(last):
+            self.runs.append(self._spill(iter([last])))
+        runs = list(self.runs)
+        while len(runs) > self.fan_in:  # multi-pass merge keeps memory bounded
+            group, runs = runs[:self.fan_in], runs[self.fan_in:]
+            merged = self._spill(merge_sorted([self._read_run(k) for k in group]))
+            self.store.delete(group)
+            runs.insert(0, merged)  # the earliest runs, merged: input order (and stability) kept
+        yield from merge_sorted([self._read_run(k) for k in runs])
+
+
+# -- the pipeline -------------------------------------------------------------------------
+def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, source: str = "") -> ConvertResult:
+    t0 = time.time()
+    header = inp.header
+    already_sorted = header_sort_order(header.text) == "coordinate"
+    if not already_sorted:
+        header.text = sorted_header_text(header.text)
+    writer = DatasetWriter(store, header, block_bytes=opts.block_bytes, chunk_bytes=opts.chunk_bytes,
+                           overwrite=opts.overwrite, sorted_by="input" if already_sorted else "bams3",
+                           source=source)
+    writer.prepare()
+    threads = max(1, opts.threads)
+    upload_conc = opts.upload_concurrency or getattr(store, "concurrency", None) or 2 * threads
+    planner = BlockPlanner(opts.block_bytes)
+    assembler = ChunkAssembler(opts.chunk_bytes)
+    sorter = None
+    stream: Iterator[RecordBatch] = inp.batches()
+    if not already_sorted:
+        sorter = ExternalSorter(store, writer.run_id, opts.max_memory)
+        stream = sorter.sort(stream)
+
+    enc_pool = ThreadPoolExecutor(threads, thread_name_prefix="encode")
+    up_pool = ThreadPoolExecutor(upload_conc, thread_name_prefix="upload")
+    pending_enc: deque[Future] = deque()
+    pending_up: deque[tuple[Future, PlannedChunk]] = deque()
+    written = 0
+    n_in = 0
+
+    def report(chunk: PlannedChunk, ref) -> None:
+        if opts.progress:
+            el = max(time.time() - t0, 1e-9)
+            opts.progress({"chunk": chunk.number, "bytes": ref.size, "records": ref.n_records,
+                           "records_total": writer.n_records, "bytes_total": written,
+                           "elapsed": el, "records_per_s": writer.n_records / el})
+
+    def drain_uploads(limit: int) -> None:
+        nonlocal written
+        while len(pending_up) > limit:
+            fut, chunk = pending_up.popleft()
+            ref = fut.result()
+            written += ref.size
+            report(chunk, ref)
+
+    def take_encoded(limit: int) -> None:
+        while len(pending_enc) > limit:
+            block, fx, fs = pending_enc.popleft().result()
+            writer.add_block_stats(fx, fs)
+            chunk = assembler.add(block)
+            if chunk is not None:
+                submit_chunk(chunk)
+
+    def submit_chunk(chunk: PlannedChunk) -> None:
+        writer.add_index_rows(chunk)
+        pending_up.append((up_pool.submit(writer.upload_chunk, chunk), chunk))
+        drain_uploads(upload_conc)
+
+    try:
+        for batch in stream:
+            n_in += len(batch)
+            try:
+                blocks = list(planner.feed(batch))
+            except OrderError as e:
+                raise InputError(f"{inp.name}: {e}; the header says SO:coordinate but it is not. "
+                                 "Fix the header (e.g. samtools sort) and convert again") from None
+            for blk in blocks:
+                pending_enc.append(enc_pool.submit(encode_block, blk))
+            take_encoded(2 * threads)
+        for blk in planner.flush():
+            pending_enc.append(enc_pool.submit(encode_block, blk))
+        take_encoded(0)
+        last = assembler.flush()
+        if last is not None:
+            submit_chunk(last)
+        drain_uploads(0)
+        manifest = writer.commit()
+    except BaseException:
+        for f in pending_enc:
+            f.cancel()
+        for f, _ in pending_up:
+            f.cancel()
+        enc_pool.shutdown(wait=True, cancel_futures=True)
+        up_pool.shutdown(wait=True, cancel_futures=True)
+        writer.abort()
+        raise
+    finally:
+        inp.close()
+    enc_pool.shutdown()
+    up_pool.shutdown()
+    return ConvertResult(manifest=manifest, seconds=time.time() - t0, records=writer.n_records,
+                         bytes_written=written, spill_runs=len(sorter.runs) if sorter else 0,
+                         chunks=manifest.chunks)
+
+
+def convert(source: str, store: Store, opts: ConvertOptions | None = None, *, stdin=None) -> ConvertResult:
+    """Convert ``source`` (path or ``-``) into a dataset on ``store``."""
+    opts = opts or ConvertOptions()
+    inp = open_input(source, reference=opts.reference, threads=opts.threads, stdin=stdin)
+    return convert_stream(inp, store, opts, source="stdin" if source == "-" else source)
+
+
+def stderr_progress(info: dict) -> None:
+    print(f"bams3: chunk {info['chunk']}: {info['bytes'] / 1e6:.1f} MB, {info['records']} records; "
+          f"total {info['records_total']} records, {info['bytes_total'] / 1e6:.1f} MB, "
+          f"{info['records_per_s']:.0f} records/s", file=sys.stderr, flush=True)

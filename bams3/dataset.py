@@ -1,0 +1,432 @@
+"""Datasets on a store: the writer (encode, upload, commit) and the reader (plan, fetch, decode).
+
+Object layout under the dataset prefix (docs/FORMAT.md §Objects)::
+
+    manifest.json                       commit point, written last
+    data/<run_id>/header.sam            SAM header text, verbatim
+    data/<run_id>/index/<ref_id>.b3i    per-reference block index (unplaced.b3i for '*')
+    data/<run_id>/chunks/<n>.b3c        chunk objects: blocks of columnar streams
+    _tmp/<run_id>/...                   spill runs of an unsorted conversion (removed on commit)
+
+Every object a run writes lives under ``data/<run_id>/``, so a conversion in progress never
+touches the committed dataset; ``--overwrite`` swaps the manifest and then deletes the old run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import threading
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from bams3core.bam import FLAG_UNMAP, BamHeader, RecordBatch, Reference
+from bams3core.codec import BlockEncoder, CodecError, EncodedBlock, decode_block
+from bams3core.index import (ENTRY_DTYPE, HEADER_KEY, MANIFEST_KEY, IndexError_, Manifest, ObjectRef,
+                             decode_index, encode_index)
+from bams3core.planner import PlannedChunk, index_entries
+from bams3core.query import RangeRead, overlap_mask, plan_reads, select_blocks
+from bams3core.regions import Region, RegionError, parse_region
+from bams3core.stats import StatsAccumulator, flagstat_counts
+
+from . import __version__
+from .errors import DatasetError, InputError, NotFound, PreconditionFailed
+from .store import Store
+
+_local = threading.local()
+
+
+def _encoder() -> BlockEncoder:
+    enc = getattr(_local, "encoder", None)
+    if enc is None:
+        enc = _local.encoder = BlockEncoder()
+    return enc
+
+
+def encode_block(batch: RecordBatch) -> tuple[EncodedBlock, np.ndarray, np.ndarray]:
+    """Encode one planned block; also return its fixed fields and flagstat counts (thread-safe)."""
+    fx = batch.fixed()
+    return _encoder().encode(batch), fx, flagstat_counts(fx)
+
+
+def run_prefix(run_id: str) -> str:
+    return f"data/{run_id}/"
+
+
+class DatasetWriter:
+    """Writes one run of a dataset; :meth:`commit` makes it visible.
+
+    Thread-safety: :meth:`upload_chunk` may run on several threads; the rest is called from
+    the orchestrating thread in record order.
+    """
+
+    def __init__(self, store: Store, header: BamHeader, *, block_bytes: int, chunk_bytes: int,
+                 overwrite: bool = False, sorted_by: str = "input", source: str = "",
+                 run_id: str | None = None):
+        self.store = store
+        self.header = header
+        self.block_bytes = block_bytes
+        self.chunk_bytes = chunk_bytes
+        self.overwrite = overwrite
+        self.sorted_by = sorted_by
+        self.source = source
+        self.run_id = run_id or uuid.uuid4().hex[:16]
+        self.prefix = run_prefix(self.run_id)
+        self.stats = StatsAccumulator(n_refs=len(header.references))
+        self.chunks: dict[int, ObjectRef] = {}
+        self.index: list[ObjectRef] = []
+        self._rows: list[np.ndarray] = []
+        self._rows_ref: int | None = None
+        self._lock = threading.Lock()
+        self.previous: Manifest | None = None
+        self.n_records = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Refuse to clobber a committed dataset (unless overwrite) and clear leftovers."""
+        try:
+            data = self.store.get(MANIFEST_KEY)
+        except NotFound:
+            data = None
+        if data is not None:
+            if not self.overwrite:
+                raise DatasetError(f"{self.store.uri}: a dataset already exists here; use --overwrite to replace it")
+            try:
+                self.previous = Manifest.from_json(data)
+            except IndexError_:
+                self.previous = None
+        self.store.cleanup_incomplete()
+        keep = self.previous.run_id if self.previous else None
+        stale = [o.key for o in self.store.list_prefix("data/") if not o.key.startswith(f"data/{keep}/")]
+        stale += [o.key for o in self.store.list_prefix("_tmp/")]
+        if stale:
+            self.store.delete(stale)
+
+    def chunk_key(self, number: int) -> str:
+        return f"{self.prefix}chunks/{number:06d}.b3c"
+
+    def add_block_stats(self, fx: np.ndarray, flagstat: np.ndarray) -> None:
+        refid = fx["refid"].astype(np.int64)
+        st = self.stats
+        st.flagstat += flagstat
+        unm = (fx["flag"] & FLAG_UNMAP) != 0
+        placed = refid >= 0
+        if st.n_refs:
+            st.mapped += np.bincount(refid[placed & ~unm], minlength=st.n_refs)[:st.n_refs]
+            st.unmapped += np.bincount(refid[placed & unm], minlength=st.n_refs)[:st.n_refs]
+        st.unplaced += int(np.count_nonzero(~placed))
+        self.n_records += len(fx)
+
+    def upload_chunk(self, chunk: PlannedChunk) -> ObjectRef:
+        """Upload one chunk object (idempotent: same key, same bytes) and index its blocks."""
+        payload = chunk.payload()
+        key = self.chunk_key(chunk.number)
+        info = self.store.set(key, payload, content_type="application/octet-stream")
+        ref = ObjectRef(key=key, size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
+                        etag=info.etag if getattr(self.store, "supports_if_match", False) else None,
+                        n_blocks=len(chunk.blocks), n_records=sum(b.n_records for b in chunk.blocks))
+        with self._lock:
+            self.chunks[chunk.number] = ref
+        return ref
+
+    def add_index_rows(self, chunk: PlannedChunk) -> None:
+        """Record the chunk's blocks in the index (call in chunk order)."""
+        rows = index_entries(chunk)
+        # rows are in record order; flush an index object whenever the reference changes
+        start = 0
+        refs = rows["ref_id"]
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or refs[i] != refs[start]:
+                r = int(refs[start])
+                if self._rows_ref is not None and r != self._rows_ref:
+                    self._flush_index()
+                self._rows_ref = r
+                self._rows.append(rows[start:i])
+                start = i
+
+    def _flush_index(self) -> None:
+        if self._rows_ref is None or not self._rows:
+            return
+        rows = np.concatenate(self._rows)
+        ref_id = self._rows_ref
+        name = "unplaced" if ref_id < 0 else str(ref_id)
+        key = f"{self.prefix}index/{name}.b3i"
+        data = encode_index(rows)
+        self.store.set(key, data)
+        self.index.append(ObjectRef(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                                    n_blocks=len(rows), n_records=int(rows["n_records"].sum()), ref_id=ref_id))
+        self._rows = []
+        self._rows_ref = None
+
+    def commit(self) -> Manifest:
+        """Write index remainder, header and — last — the manifest (conditionally)."""
+        self._flush_index()
+        htext = self.header.text.encode("utf-8", errors="surrogateescape")
+        hkey = f"{self.prefix}{HEADER_KEY}"
+        self.store.set(hkey, htext)
+        chunks = [self.chunks[i] for i in sorted(self.chunks)]
+        if [int(c.key.rsplit("/", 1)[1].split(".")[0]) for c in chunks] != list(range(len(chunks))):
+            raise DatasetError("internal error: missing chunk uploads")
+        st = self.stats
+        manifest = Manifest(
+            references=[{"name": r.name, "length": r.length} for r in self.header.references],
+            header=ObjectRef(key=hkey, size=len(htext), sha256=hashlib.sha256(htext).hexdigest()),
+            chunks=chunks,
+            index=self.index,
+            n_records=self.n_records,
+            stats={"flagstat": st.flagstat.tolist(), "mapped": st.mapped.tolist(),
+                   "unmapped": st.unmapped.tolist(), "unplaced": st.unplaced},
+            run_id=self.run_id,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            tool=f"bams3 {__version__}",
+            block_bytes=self.block_bytes,
+            chunk_bytes=self.chunk_bytes,
+            sorted_by=self.sorted_by,
+            source=self.source,
+        )
+        self.store.set(MANIFEST_KEY, manifest.to_json(), if_none_match=not self.overwrite,
+                       content_type="application/json")
+        # the new run is committed: remove the previous run and any spill leftovers
+        old = []
+        if self.previous is not None and self.previous.run_id != self.run_id:
+            old = [o.key for o in self.store.list_prefix(run_prefix(self.previous.run_id))]
+        old += [o.key for o in self.store.list_prefix("_tmp/")]
+        if old:
+            self.store.delete(old)
+        return manifest
+
+    def abort(self) -> None:
+        """Remove everything this run wrote (best effort); the committed dataset is untouched."""
+        try:
+            self.store.cleanup_incomplete()
+            keys = [o.key for o in self.store.list_prefix(self.prefix)]
+            keys += [o.key for o in self.store.list_prefix(f"_tmp/{self.run_id}/")]
+            self.store.delete(keys)
+        except Exception:  # noqa: BLE001 - abort must not mask the original error
+            pass
+
+
+# ---------------------------------------------------------------------------------------
+@dataclass
+class QueryStats:
+    requests: int = 0
+    bytes: int = 0
+    blocks: int = 0
+    records_decoded: int = 0
+    records_out: int = 0
+
+
+class Dataset:
+    """A committed dataset, opened for reading."""
+
+    def __init__(self, store: Store, manifest: Manifest, *, threads: int = 2):
+        self.store = store
+        self.manifest = manifest
+        self.threads = max(1, threads)
+        self._index: dict[int, np.ndarray] = {}
+        self.qstats = QueryStats()
+        self.header = BamHeader(text="", references=[Reference(r["name"], r["length"]) for r in manifest.references])
+        self._header_loaded = False
+
+    @classmethod
+    def open(cls, store: Store, *, threads: int = 2, refresh: bool = False) -> "Dataset":
+        try:
+            data, _info = store.get_small(MANIFEST_KEY, max_age=0 if refresh else None)
+        except NotFound:
+            raise DatasetError(f"{store.uri}: no bams3 dataset here (no {MANIFEST_KEY}; "
+                               "a conversion that did not finish leaves none)") from None
+        try:
+            manifest = Manifest.from_json(data)
+        except IndexError_ as e:
+            raise DatasetError(f"{store.uri}/{MANIFEST_KEY}: {e}") from None
+        return cls(store, manifest, threads=threads)
+
+    # -- metadata ------------------------------------------------------------------------
+    def header_text(self) -> str:
+        if not self._header_loaded:
+            ref = self.manifest.header
+            data, _ = self.store.get_small(ref.key, max_age=float("inf"))
+            if hashlib.sha256(data).hexdigest() != ref.sha256:
+                raise DatasetError(f"{self.store.uri}/{ref.key}: checksum mismatch (corrupt header)")
+            self.header.text = data.decode("utf-8", errors="surrogateescape")
+            self._header_loaded = True
+        return self.header.text
+
+    def bam_header(self) -> BamHeader:
+        self.header_text()
+        return self.header
+
+    def index(self, ref_id: int) -> np.ndarray:
+        if ref_id not in self._index:
+            ref = self.manifest.index_for(ref_id)
+            if ref is None:
+                self._index[ref_id] = np.zeros(0, dtype=ENTRY_DTYPE)
+            else:
+                data, _ = self.store.get_small(ref.key, max_age=float("inf"))
+                if hashlib.sha256(data).hexdigest() != ref.sha256:
+                    raise DatasetError(f"{self.store.uri}/{ref.key}: checksum mismatch (corrupt index)")
+                try:
+                    self._index[ref_id] = decode_index(data)
+                except IndexError_ as e:
+                    raise DatasetError(f"{self.store.uri}/{ref.key}: {e}") from None
+        return self._index[ref_id]
+
+    def parse_region(self, text: str) -> Region:
+        try:
+            return parse_region(text, self.manifest.ref_ids)
+        except RegionError as e:
+            raise InputError(str(e)) from None
+
+    # -- data ----------------------------------------------------------------------------
+    def _fetch(self, rr: RangeRead) -> bytes:
+        chunk = self.manifest.chunks[rr.chunk]
+        try:
+            data = self.store.get(chunk.key, (rr.start, rr.end), if_match=chunk.etag)
+        except PreconditionFailed:
+            raise DatasetError(f"{self.store.uri}/{chunk.key} changed after the manifest was read "
+                               "(dataset rewritten?); run the command again") from None
+        except NotFound:
+            raise DatasetError(f"{self.store.uri}/{chunk.key}: missing chunk object (dataset rewritten "
+                               "or damaged); run the command again or verify the dataset") from None
+        with self._lock_stats():
+            self.qstats.requests += 1
+            self.qstats.bytes += len(data)
+        if len(data) != rr.size:
+            raise DatasetError(f"{self.store.uri}/{chunk.key}: short read (corrupt or truncated chunk)")
+        return data
+
+    def _lock_stats(self):
+        lock = getattr(self, "_qlock", None)
+        if lock is None:
+            lock = self._qlock = threading.Lock()
+        return lock
+
+    def _decode_range(self, rr: RangeRead, data: bytes) -> list[RecordBatch]:
+        out = []
+        chunk = self.manifest.chunks[rr.chunk]
+        for row in rr.rows:
+            a = int(row["offset"]) - rr.start
+            blk = data[a:a + int(row["length"])]
+            if zlib.crc32(blk) != int(row["crc32"]):
+                raise DatasetError(f"{self.store.uri}/{chunk.key}: checksum mismatch in block at byte "
+                                   f"{int(row['offset'])} (corrupt chunk)")
+            try:
+                batch = decode_block(blk, row["stream_sizes"].tolist(), int(row["n_records"]),
+                                     int(row["ref_id"]), int(row["first_start"]))
+            except CodecError as e:
+                raise DatasetError(f"{self.store.uri}/{chunk.key}: {e}") from None
+            out.append(batch)
+        return out
+
+    def iter_blocks(self, rows: np.ndarray, max_gap: int = 0) -> Iterator[RecordBatch]:
+        """Decoded blocks for the given index rows, in order; reads and decodes in parallel."""
+        reads = plan_reads(rows, max_gap=max_gap)
+        if not reads:
+            return
+        self.qstats.blocks += len(rows)
+        # split large sequential reads so memory stays bounded and work spreads over threads
+        reads = _split_reads(reads, max_bytes=8 << 20)
+        if len(reads) == 1:
+            batches = self._decode_range(reads[0], self._fetch(reads[0]))
+            for b in batches:
+                self.qstats.records_decoded += len(b)
+                yield b
+            return
+        with ThreadPoolExecutor(max(self.threads, getattr(self.store, "concurrency", 2) or 2)) as pool:
+            window = max(2, self.threads * 2)
+            futs = []
+            it = iter(reads)
+
+            def submit():
+                rr = next(it, None)
+                if rr is not None:
+                    futs.append(pool.submit(lambda r=rr: self._decode_range(r, self._fetch(r))))
+
+            for _ in range(window):
+                submit()
+            while futs:
+                batches = futs.pop(0).result()
+                submit()
+                for b in batches:
+                    self.qstats.records_decoded += len(b)
+                    yield b
+
+    def all_rows(self) -> np.ndarray:
+        rows = [self.index(ix.ref_id) for ix in sorted(self.manifest.index,
+                                                        key=lambda x: (x.ref_id < 0, x.ref_id))]
+        return np.concatenate(rows) if rows else np.zeros(0, dtype=ENTRY_DTYPE)
+
+    def query(self, regions: Iterable[Region] | None) -> Iterator[RecordBatch]:
+        """Records for each region in turn (like `samtools view FILE R1 R2`); None = all."""
+        if regions is None:
+            rows = self.all_rows()
+            for b in self.iter_blocks(rows, max_gap=1 << 20):
+                self.qstats.records_out += len(b)
+                yield b
+            return
+        for region in regions:
+            rows = self.index(region.ref_id)
+            sel = rows[select_blocks(rows, region)]
+            for b in self.iter_blocks(sel):
+                if region.ref_id < 0:
+                    self.qstats.records_out += len(b)
+                    yield b
+                    continue
+                mask = overlap_mask(b, region)
+                if mask.all():
+                    self.qstats.records_out += len(b)
+                    yield b
+                elif mask.any():
+                    sub = b.take(np.flatnonzero(mask))
+                    self.qstats.records_out += len(sub)
+                    yield sub
+
+    def query_union(self, regions: list[Region]) -> Iterator[RecordBatch]:
+        """Records overlapping any region, each once, in file order (`samtools view -M`)."""
+        by_ref: dict[int, list[Region]] = {}
+        for r in regions:
+            by_ref.setdefault(r.ref_id, []).append(r)
+        order = sorted(by_ref, key=lambda r: (r < 0, r))
+        for ref_id in order:
+            rows = self.index(ref_id)
+            idx = np.unique(np.concatenate([select_blocks(rows, r) for r in by_ref[ref_id]]))
+            for b in self.iter_blocks(rows[idx]):
+                if ref_id < 0:
+                    mask = np.ones(len(b), dtype=bool)
+                else:
+                    mask = np.zeros(len(b), dtype=bool)
+                    for r in by_ref[ref_id]:
+                        mask |= overlap_mask(b, r)
+                if mask.any():
+                    sub = b if mask.all() else b.take(np.flatnonzero(mask))
+                    self.qstats.records_out += len(sub)
+                    yield sub
+
+
+def _split_reads(reads: list[RangeRead], max_bytes: int) -> list[RangeRead]:
+    out = []
+    for rr in reads:
+        if rr.size <= max_bytes or len(rr.rows) == 1:
+            out.append(rr)
+            continue
+        cur = [0]
+        start = int(rr.rows["offset"][0])
+        for i in range(1, len(rr.rows)):
+            if int(rr.rows["offset"][i]) + int(rr.rows["length"][i]) - start > max_bytes:
+                out.append(_sub(rr, cur))
+                cur = [i]
+                start = int(rr.rows["offset"][i])
+            else:
+                cur.append(i)
+        out.append(_sub(rr, cur))
+    return out
+
+
+def _sub(rr: RangeRead, idx: list[int]) -> RangeRead:
+    rows = rr.rows[idx[0]:idx[-1] + 1]
+    return RangeRead(rr.chunk, int(rows["offset"][0]), int(rows["offset"][-1]) + int(rows["length"][-1]), rows)

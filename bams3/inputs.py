@@ -1,0 +1,343 @@
+"""Open an alignment input (BAM, SAM, CRAM, file or stdin) as a stream of raw record batches.
+
+BAM is read directly: BGZF blocks are inflated in parallel (zlib releases the GIL) and the
+records are split without decoding them. SAM and CRAM go through htslib (pysam) in a child
+process that emits uncompressed BAM on a pipe, so parsing runs on the second core.
+Nothing is read whole into memory.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO, Iterator
+
+from bams3core.bam import BamFormatError, BamHeader, RecordBatch, parse_header, split_records
+
+from .errors import InputError
+
+BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
+_GZ_MAGIC = b"\x1f\x8b"
+
+
+class _Chain(io.RawIOBase):
+    """``head`` bytes followed by the rest of ``f``."""
+
+    def __init__(self, head: bytes, f: BinaryIO):
+        self._head = head
+        self._f = f
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        if self._head:
+            n = min(len(b), len(self._head))
+            b[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = f.read(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+class BgzfReader:
+    """Iterates the decompressed contents of a BGZF stream, inflating blocks in parallel."""
+
+    def __init__(self, f: BinaryIO, threads: int = 2, group: int = 64, name: str = "input"):
+        self.f = f
+        self.name = name
+        self.group = group
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="bgzf")
+        self.saw_eof_marker = False
+        self.compressed_bytes = 0
+
+    def _next_blocks(self) -> list[bytes]:
+        blocks = []
+        for _ in range(self.group):
+            head = _read_exact(self.f, 18)
+            if not head:
+                break
+            if len(head) < 18 or head[:2] != _GZ_MAGIC:
+                raise InputError(f"{self.name}: truncated or corrupt BGZF block (is this a BAM file?)")
+            flg = head[3]
+            if not flg & 4:
+                raise InputError(f"{self.name}: gzip data that is not BGZF; recompress with bgzip or samtools")
+            (xlen,) = struct.unpack_from("<H", head, 10)
+            extra = head[12:18] + _read_exact(self.f, xlen - 6)
+            bsize = None
+            p = 0
+            while p + 4 <= len(extra):
+                si1, si2, slen = extra[p], extra[p + 1], struct.unpack_from("<H", extra, p + 2)[0]
+                if si1 == 66 and si2 == 67 and slen == 2:
+                    bsize = struct.unpack_from("<H", extra, p + 4)[0]
+                p += 4 + slen
+            if bsize is None:
+                raise InputError(f"{self.name}: gzip data that is not BGZF (no BC field)")
+            rest_len = bsize + 1 - 12 - xlen
+            rest = _read_exact(self.f, rest_len)
+            if len(rest) < rest_len:
+                raise InputError(f"{self.name}: truncated BGZF block (file cut short?)")
+            self.compressed_bytes += 12 + xlen + rest_len
+            blocks.append(head[:12] + extra + rest)
+        return blocks
+
+    @staticmethod
+    def _inflate(block: bytes) -> bytes:
+        xlen = struct.unpack_from("<H", block, 10)[0]
+        cdata = block[12 + xlen:-8]
+        crc, isize = struct.unpack_from("<II", block, len(block) - 8)
+        try:
+            data = zlib.decompress(cdata, -15)
+        except zlib.error:
+            raise ValueError("corrupt deflate data") from None
+        if len(data) != isize or zlib.crc32(data) != crc:
+            raise ValueError("CRC mismatch")
+        return data
+
+    def chunks(self) -> Iterator[bytes]:
+        """Yields decompressed data in pieces of about ``group`` blocks."""
+        pending = None
+        try:
+            while True:
+                blocks = self._next_blocks()
+                if not blocks:
+                    break
+                fut = self.pool.map(self._inflate, blocks)
+                if pending is not None:
+                    yield self._collect(pending)
+                pending = (fut, blocks)
+            if pending is not None:
+                yield self._collect(pending)
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _collect(self, pending) -> bytes:
+        fut, blocks = pending
+        try:
+            parts = list(fut)
+        except ValueError as e:
+            raise InputError(f"{self.name}: corrupt BGZF block ({e})") from None
+        self.saw_eof_marker = blocks[-1] == BGZF_EOF
+        return b"".join(parts)
+
+
+class AlignmentInput:
+    """Header plus an iterator of :class:`RecordBatch` of about ``batch_bytes`` each."""
+
+    def __init__(self, header: BamHeader, data_iter: Iterator[bytes], leftover: bytes, name: str,
+                 on_close=None, check_complete=None):
+        self.header = header
+        self._iter = data_iter
+        self._buf = leftover
+        self.name = name
+        self._on_close = on_close
+        self._check_complete = check_complete
+
+    def batches(self, batch_bytes: int = 4 << 20) -> Iterator[RecordBatch]:
+        buf = self._buf
+        for piece in self._iter:
+            buf = buf + piece if buf else piece
+            if len(buf) < batch_bytes:
+                continue
+            batch, buf = self._split(buf)
+            if batch is not None:
+                yield batch
+        while buf:
+            batch, rest = self._split(buf)
+            if batch is None:
+                raise InputError(f"{self.name}: truncated BAM record at end of input (file cut short?)")
+            buf = rest
+            yield batch
+        if self._check_complete:
+            self._check_complete()
+
+    def _split(self, buf: bytes):
+        try:
+            offs, end = split_records(buf)
+        except BamFormatError as e:
+            raise InputError(f"{self.name}: {e}") from None
+        if len(offs) == 1:
+            return None, buf
+        return RecordBatch(buf, offs), buf[end:]
+
+    def close(self):
+        if self._on_close:
+            self._on_close()
+
+
+def _header_from(data_iter: Iterator[bytes], name: str) -> tuple[BamHeader, bytes]:
+    buf = b""
+    for piece in data_iter:
+        buf += piece
+        try:
+            res = parse_header(buf)
+        except BamFormatError as e:
+            raise InputError(f"{name}: {e}") from None
+        if res is not None:
+            header, used = res
+            return header, buf[used:]
+    if not buf:
+        raise InputError(f"{name}: empty input")
+    raise InputError(f"{name}: truncated BAM header")
+
+
+def _sniff(head: bytes) -> str:
+    if head.startswith(_GZ_MAGIC):
+        return "bgzf"
+    if head.startswith(b"CRAM"):
+        return "cram"
+    if head.startswith(b"BAM\x01"):
+        return "ubam"
+    if not head:
+        return "empty"
+    sample = head[:4096]
+    try:
+        text = sample.decode("ascii")
+    except UnicodeDecodeError:
+        return "unknown"
+    first = text.split("\n", 1)[0]
+    if first.startswith("@") or first.count("\t") >= 10:
+        return "sam"
+    return "unknown"
+
+
+def open_input(source: str, *, reference: str | None = None, threads: int = 2,
+               stdin: BinaryIO | None = None) -> AlignmentInput:
+    """Open ``source`` (a path, or ``-`` for standard input) as an :class:`AlignmentInput`."""
+    name = "stdin" if source == "-" else source
+    if source == "-":
+        f = stdin if stdin is not None else sys.stdin.buffer
+    else:
+        try:
+            f = open(source, "rb")
+        except FileNotFoundError:
+            raise InputError(f"{source}: no such file") from None
+        except IsADirectoryError:
+            raise InputError(f"{source}: is a directory, expected a BAM/SAM/CRAM file") from None
+        except PermissionError:
+            raise InputError(f"{source}: permission denied") from None
+    head = _read_exact(f, 4096)
+    kind = _sniff(head)
+    stream = io.BufferedReader(_Chain(head, f), buffer_size=1 << 20)
+
+    if kind == "bgzf":
+        bg = BgzfReader(stream, threads=threads, name=name)
+        chunks = bg.chunks()
+        first = next(chunks, b"")
+        if first[:4] != b"BAM\x01":
+            # bgzipped SAM: let htslib parse it from the file
+            if source == "-":
+                raise InputError("stdin: compressed SAM on standard input is not supported; "
+                                 "pipe plain SAM or BAM, or pass the file path")
+            f.close()
+            return _via_htslib(None, name, reference, threads, source)
+
+        def data():
+            yield first
+            yield from chunks
+
+        it = data()
+        header, leftover = _header_from(it, name)
+
+        def check():
+            if not bg.saw_eof_marker:
+                raise InputError(f"{name}: BAM ends without the BGZF EOF marker (truncated file?)")
+
+        return AlignmentInput(header, it, leftover, name, on_close=f.close if source != "-" else None,
+                              check_complete=check)
+    if kind == "ubam":
+        it = iter(lambda: stream.read(1 << 20), b"")
+        header, leftover = _header_from(it, name)
+        return AlignmentInput(header, it, leftover, name)
+    if kind in ("sam", "cram"):
+        return _via_htslib(stream, name, reference, threads, source if source != "-" else None)
+    if kind == "empty":
+        raise InputError(f"{name}: empty input")
+    raise InputError(f"{name}: not a BAM, SAM or CRAM file")
+
+
+def _via_htslib(stream: BinaryIO, name: str, reference: str | None, threads: int,
+                path: str | None) -> AlignmentInput:
+    """Parse SAM/CRAM with htslib in a child process that writes uncompressed BAM."""
+    cmd = [sys.executable, "-m", "bams3.tobam"]
+    if reference:
+        cmd += ["--reference", reference]
+    cmd += [path or "-"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if path is None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    feeder = None
+    if path is None:
+        def feed():
+            try:
+                while True:
+                    chunk = stream.read(1 << 20)
+                    if not chunk:
+                        break
+                    proc.stdin.write(chunk)
+            except (BrokenPipeError, ValueError, OSError):
+                pass
+            finally:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+    err_box = []
+    errt = threading.Thread(target=lambda: err_box.append(proc.stderr.read()), daemon=True)
+    errt.start()
+
+    def fail():
+        proc.wait()
+        errt.join()
+        msg = (err_box[0] if err_box else b"").decode(errors="replace").strip().splitlines()
+        line = msg[-1] if msg else f"htslib could not parse the input (exit {proc.returncode})"
+        raise InputError(f"{name}: {line}")
+
+    def data():
+        while True:
+            chunk = proc.stdout.read(1 << 20)
+            if not chunk:
+                break
+            yield chunk
+        if proc.wait() != 0:
+            fail()
+
+    it = data()
+    try:
+        header, leftover = _header_from(it, name)
+    except InputError:
+        if proc.poll() is None:
+            proc.wait()
+        if proc.returncode:
+            fail()
+        raise
+
+    def close():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def check():
+        if proc.wait() != 0:
+            fail()
+
+    return AlignmentInput(header, it, leftover, name, on_close=close, check_complete=check)

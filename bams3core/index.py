@@ -1,0 +1,137 @@
+"""Region index and manifest: plain data, serialised to bytes (no I/O here).
+
+* The **index** is one object per reference (``index/<ref_id>.b3i``; ``index/unplaced.b3i``
+  for records with no reference). It is a zstd frame holding a small fixed header and a
+  table of :data:`ENTRY_DTYPE` rows, one per block, in file order.
+* The **manifest** (``manifest.json``) is the commit point of a dataset: references, stats,
+  chunk and index object lists with sizes and checksums.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import zstandard
+
+from .codec import NSTREAMS, STREAM_NAMES
+
+FORMAT_NAME = "bams3"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "manifest.json"
+HEADER_KEY = "header.sam"
+INDEX_MAGIC = b"B3IX"
+
+ENTRY_DTYPE = np.dtype([
+    ("chunk", "<u4"),         # position of the chunk object in manifest["chunks"]
+    ("offset", "<u8"),        # byte offset of the block inside the chunk object
+    ("length", "<u4"),        # compressed length of the block (sum of stream_sizes)
+    ("n_records", "<u4"),
+    ("ref_id", "<i4"),
+    ("first_start", "<i4"),   # pos (0-based) of the first record
+    ("last_start", "<i4"),    # pos of the last record
+    ("max_end", "<i8"),       # max over records of htslib's bam_endpos (exclusive)
+    ("raw_size", "<u4"),      # bytes of the raw BAM records (block_size prefixes included)
+    ("crc32", "<u4"),         # CRC-32 (zlib) of the block's compressed bytes
+    ("stream_sizes", "<u4", (NSTREAMS,)),
+])
+
+
+class IndexError_(ValueError):
+    pass
+
+
+def index_key(ref_id: int) -> str:
+    return "index/unplaced.b3i" if ref_id < 0 else f"index/{ref_id}.b3i"
+
+
+def encode_index(entries: np.ndarray) -> bytes:
+    head = INDEX_MAGIC + struct.pack("<HHI", FORMAT_VERSION, NSTREAMS, len(entries))
+    return zstandard.ZstdCompressor(level=9).compress(head + entries.astype(ENTRY_DTYPE).tobytes())
+
+
+def decode_index(data: bytes) -> np.ndarray:
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data)
+    except zstandard.ZstdError as e:
+        raise IndexError_(f"corrupt index object ({e})") from None
+    if raw[:4] != INDEX_MAGIC or len(raw) < 12:
+        raise IndexError_("not a bams3 index object")
+    version, nstreams, n = struct.unpack_from("<HHI", raw, 4)
+    if version != FORMAT_VERSION or nstreams != NSTREAMS:
+        raise IndexError_(f"unsupported index version {version} / {nstreams} streams")
+    body = raw[12:]
+    if len(body) != n * ENTRY_DTYPE.itemsize:
+        raise IndexError_("index object has the wrong length")
+    return np.frombuffer(body, dtype=ENTRY_DTYPE)
+
+
+@dataclass
+class ObjectRef:
+    key: str
+    size: int
+    sha256: str
+    etag: str | None = None
+    n_blocks: int = 0
+    n_records: int = 0
+    ref_id: int | None = None  # index objects only
+
+
+@dataclass
+class Manifest:
+    references: list[dict]                 # [{"name": str, "length": int}]
+    header: ObjectRef
+    chunks: list[ObjectRef]
+    index: list[ObjectRef]
+    n_records: int
+    stats: dict                            # {"flagstat": [[..],[..]], "mapped": [..], "unmapped": [..], "unplaced": n}
+    run_id: str
+    created: str
+    tool: str
+    block_bytes: int
+    chunk_bytes: int
+    sorted_by: str = "input"               # "input": already coordinate-sorted; "bams3": sorted on convert
+    source: str = ""
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+    streams: list[str] = field(default_factory=lambda: list(STREAM_NAMES))
+    compression: str = "zstd"
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=1, sort_keys=False) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Manifest":
+        try:
+            d = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise IndexError_(f"manifest is not valid JSON ({e})") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+            raise IndexError_("not a bams3 manifest")
+        if d.get("version") != FORMAT_VERSION:
+            raise IndexError_(f"unsupported bams3 format version {d.get('version')} (this reader reads {FORMAT_VERSION})")
+        if d.get("streams") != list(STREAM_NAMES):
+            raise IndexError_("manifest lists streams this reader does not know")
+        try:
+            d["header"] = ObjectRef(**d["header"])
+            d["chunks"] = [ObjectRef(**c) for c in d["chunks"]]
+            d["index"] = [ObjectRef(**c) for c in d["index"]]
+            return cls(**d)
+        except (TypeError, KeyError) as e:
+            raise IndexError_(f"malformed manifest ({e})") from None
+
+    @property
+    def ref_ids(self) -> dict[str, int]:
+        return {r["name"]: i for i, r in enumerate(self.references)}
+
+    def index_for(self, ref_id: int) -> ObjectRef | None:
+        for ix in self.index:
+            if ix.ref_id == ref_id:
+                return ix
+        return None
+
+    def object_keys(self) -> list[str]:
+        return [MANIFEST_KEY, self.header.key] + [c.key for c in self.chunks] + [i.key for i in self.index]

@@ -1,0 +1,134 @@
+"""Chunk planner: cut a coordinate-sorted record stream into blocks and blocks into chunks.
+
+* A **block** holds records of one reference, up to ``block_bytes`` of raw BAM records
+  (and at most ``max_block_records``); it is the unit of decoding.
+* A **chunk** is an object holding consecutive blocks, closed once it reaches
+  ``chunk_bytes`` of compressed data; it is the unit of upload.
+Both are bounded in bytes, so deep coverage never produces giant blocks or chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .bam import RecordBatch, sort_keys
+from .codec import EncodedBlock
+
+DEFAULT_BLOCK_BYTES = 128 << 10
+DEFAULT_MAX_BLOCK_RECORDS = 4096
+DEFAULT_CHUNK_BYTES = 16 << 20
+
+
+class OrderError(ValueError):
+    """Records are not in coordinate order."""
+
+
+class BlockPlanner:
+    """Feed sorted record batches; get complete blocks (RecordBatch) back."""
+
+    def __init__(self, block_bytes: int = DEFAULT_BLOCK_BYTES, max_block_records: int = DEFAULT_MAX_BLOCK_RECORDS,
+                 check_order: bool = True):
+        self.block_bytes = block_bytes
+        self.max_records = max_block_records
+        self.check_order = check_order
+        self._pending: RecordBatch | None = None
+        self._last_key = None
+        self.n_records = 0
+
+    def feed(self, batch: RecordBatch) -> Iterator[RecordBatch]:
+        if len(batch) == 0:
+            return
+        fx = batch.fixed()
+        if self.check_order:
+            keys = sort_keys(fx)
+            bad = np.flatnonzero(keys[1:] < keys[:-1])
+            if self._last_key is not None and keys[0] < self._last_key:
+                bad = np.r_[-1, bad]
+            if len(bad):
+                raise OrderError(f"records are not coordinate-sorted (record {self.n_records + int(bad[0]) + 2} "
+                                 "comes before its predecessor)")
+            self._last_key = keys[-1]
+        self.n_records += len(batch)
+        if self._pending is not None:
+            batch = RecordBatch.concat([self._pending, batch])
+            fx = batch.fixed()
+            self._pending = None
+        refid = fx["refid"]
+        sizes = np.diff(batch.offsets)
+        n = len(batch)
+        start = 0
+        # split points where the reference changes
+        ref_breaks = list(np.flatnonzero(refid[1:] != refid[:-1]) + 1) + [n]
+        csum = np.concatenate([[0], np.cumsum(sizes)])
+        for stop in ref_breaks:
+            while start < stop:
+                # largest end such that bytes(start:end) <= block_bytes, at least one record
+                limit = csum[start] + self.block_bytes
+                end = int(np.searchsorted(csum, limit, side="right")) - 1
+                end = max(start + 1, min(end, stop, start + self.max_records))
+                if end == stop and stop == n and csum[end] - csum[start] < self.block_bytes \
+                        and end - start < self.max_records:
+                    self._pending = batch.slice(start, end)  # may continue in the next batch
+                    return
+                yield batch.slice(start, end)
+                start = end
+
+    def flush(self) -> Iterator[RecordBatch]:
+        if self._pending is not None and len(self._pending):
+            yield self._pending
+        self._pending = None
+
+
+@dataclass
+class PlannedChunk:
+    number: int
+    blocks: list[EncodedBlock] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(len(b.data) for b in self.blocks)
+
+    def payload(self) -> bytes:
+        return b"".join(b.data for b in self.blocks)
+
+
+class ChunkAssembler:
+    """Groups encoded blocks (in order) into chunks of about ``chunk_bytes``."""
+
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.chunk_bytes = chunk_bytes
+        self._cur: PlannedChunk | None = None
+        self._size = 0
+        self._next = 0
+
+    def add(self, block: EncodedBlock) -> PlannedChunk | None:
+        if self._cur is None:
+            self._cur = PlannedChunk(self._next)
+            self._next += 1
+            self._size = 0
+        self._cur.blocks.append(block)
+        self._size += len(block.data)
+        if self._size >= self.chunk_bytes:
+            done, self._cur = self._cur, None
+            return done
+        return None
+
+    def flush(self) -> PlannedChunk | None:
+        done, self._cur = self._cur, None
+        return done
+
+
+def index_entries(chunk: PlannedChunk) -> np.ndarray:
+    """Index rows for the blocks of a chunk (offsets within the chunk object)."""
+    from .index import ENTRY_DTYPE
+
+    rows = np.zeros(len(chunk.blocks), dtype=ENTRY_DTYPE)
+    off = 0
+    for i, b in enumerate(chunk.blocks):
+        rows[i] = (chunk.number, off, len(b.data), b.n_records, b.ref_id, b.first_start, b.last_start,
+                   b.max_end, b.raw_size, b.crc32, b.stream_sizes)
+        off += len(b.data)
+    return rows
