@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -121,7 +121,42 @@ class ExternalSorter:
 
 
 # -- the pipeline -------------------------------------------------------------------------
-def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, source: str = "") -> ConvertResult:
+def encode_slice(blocks: list[RecordBatch]) -> list[tuple]:
+    """Encode a slice of planned blocks: [(EncodedBlock, fixed fields, flagstat counts)]."""
+    return [encode_block(b) for b in blocks]
+
+
+class ThreadExecutor:
+    """Runs the pipeline's steps on thread pools (the CLI's executor).
+
+    The Prefect flow supplies another executor whose ``submit_*`` return Prefect futures of
+    the ``chunk`` and ``upload`` tasks; anything with ``.result()`` works.
+    """
+
+    def __init__(self, threads: int, upload_concurrency: int):
+        self.threads = max(1, threads)
+        self.upload_concurrency = max(1, upload_concurrency)
+        self._enc = ThreadPoolExecutor(self.threads, thread_name_prefix="encode")
+        self._up = ThreadPoolExecutor(self.upload_concurrency, thread_name_prefix="upload")
+
+    def submit_encode(self, blocks: list[RecordBatch]):
+        return self._enc.submit(encode_slice, blocks)
+
+    def submit_upload(self, writer: DatasetWriter, chunk: PlannedChunk):
+        return self._up.submit(writer.upload_chunk, chunk)
+
+    def shutdown(self, cancel: bool = False) -> None:
+        self._enc.shutdown(wait=True, cancel_futures=cancel)
+        self._up.shutdown(wait=True, cancel_futures=cancel)
+
+
+SLICE_BYTES = 2 << 20  # raw record bytes per encode step
+
+
+def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, source: str = "",
+                   executor=None, commit=None) -> ConvertResult:
+    """Run the conversion. ``executor`` runs encode/upload steps (default: threads);
+    ``commit(writer)`` commits the manifest (default: ``writer.commit()``)."""
     t0 = time.time()
     header = inp.header
     already_sorted = header_sort_order(header.text) == "coordinate"
@@ -130,94 +165,109 @@ def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, s
     writer = DatasetWriter(store, header, block_bytes=opts.block_bytes, chunk_bytes=opts.chunk_bytes,
                            overwrite=opts.overwrite, sorted_by="input" if already_sorted else "bams3",
                            source=source)
-    writer.prepare()
     threads = max(1, opts.threads)
     upload_conc = opts.upload_concurrency or getattr(store, "concurrency", None) or 2 * threads
+    own_executor = executor is None
     planner = BlockPlanner(opts.block_bytes)
     assembler = ChunkAssembler(opts.chunk_bytes)
     sorter = None
-    stream: Iterator[RecordBatch] = inp.batches()
-    if not already_sorted:
-        sorter = ExternalSorter(store, writer.run_id, opts.max_memory)
-        stream = sorter.sort(stream)
-
-    enc_pool = ThreadPoolExecutor(threads, thread_name_prefix="encode")
-    up_pool = ThreadPoolExecutor(upload_conc, thread_name_prefix="upload")
-    pending_enc: deque[Future] = deque()
-    pending_up: deque[tuple[Future, PlannedChunk]] = deque()
-    written = 0
-    n_in = 0
-
-    def report(chunk: PlannedChunk, ref) -> None:
-        if opts.progress:
-            el = max(time.time() - t0, 1e-9)
-            opts.progress({"chunk": chunk.number, "bytes": ref.size, "records": ref.n_records,
-                           "records_total": writer.n_records, "bytes_total": written,
-                           "elapsed": el, "records_per_s": writer.n_records / el})
-
-    def drain_uploads(limit: int) -> None:
-        nonlocal written
-        while len(pending_up) > limit:
-            fut, chunk = pending_up.popleft()
-            ref = fut.result()
-            written += ref.size
-            report(chunk, ref)
-
-    def take_encoded(limit: int) -> None:
-        while len(pending_enc) > limit:
-            block, fx, fs = pending_enc.popleft().result()
-            writer.add_block_stats(fx, fs)
-            chunk = assembler.add(block)
-            if chunk is not None:
-                submit_chunk(chunk)
-
-    def submit_chunk(chunk: PlannedChunk) -> None:
-        writer.add_index_rows(chunk)
-        pending_up.append((up_pool.submit(writer.upload_chunk, chunk), chunk))
-        drain_uploads(upload_conc)
-
+    pending_enc: deque = deque()
+    pending_up: deque = deque()
+    state = {"written": 0}
     try:
+        writer.prepare()
+        if own_executor:
+            executor = ThreadExecutor(threads, upload_conc)
+        stream: Iterator[RecordBatch] = inp.batches()
+        if not already_sorted:
+            sorter = ExternalSorter(store, writer.run_id, opts.max_memory)
+            stream = sorter.sort(stream)
+
+        def report(chunk: PlannedChunk, ref) -> None:
+            if opts.progress:
+                el = max(time.time() - t0, 1e-9)
+                opts.progress({"chunk": chunk.number, "bytes": ref.size, "records": ref.n_records,
+                               "records_total": writer.n_records, "bytes_total": state["written"],
+                               "elapsed": el, "records_per_s": writer.n_records / el})
+
+        def drain_uploads(limit: int) -> None:
+            while len(pending_up) > limit:
+                fut, chunk = pending_up.popleft()
+                ref = fut.result()
+                state["written"] += ref.size
+                report(chunk, ref)
+
+        def take_encoded(limit: int) -> None:
+            while len(pending_enc) > limit:
+                for block, fx, fs in pending_enc.popleft().result():
+                    writer.add_block_stats(fx, fs)
+                    chunk = assembler.add(block)
+                    if chunk is not None:
+                        submit_chunk(chunk)
+
+        def submit_chunk(chunk: PlannedChunk) -> None:
+            writer.add_index_rows(chunk)
+            pending_up.append((executor.submit_upload(writer, chunk), chunk))
+            drain_uploads(upload_conc)
+
+        slice_: list[RecordBatch] = []
+        slice_bytes = 0
+
+        def submit_slice() -> None:
+            nonlocal slice_, slice_bytes
+            if slice_:
+                pending_enc.append(executor.submit_encode(slice_))
+                slice_, slice_bytes = [], 0
+                take_encoded(2 * threads)
+
+        def add_blocks(blocks) -> None:
+            nonlocal slice_bytes
+            for blk in blocks:
+                slice_.append(blk)
+                slice_bytes += len(blk.raw())
+                if slice_bytes >= SLICE_BYTES:
+                    submit_slice()
+
         for batch in stream:
-            n_in += len(batch)
             try:
-                blocks = list(planner.feed(batch))
+                add_blocks(list(planner.feed(batch)))
             except OrderError as e:
                 raise InputError(f"{inp.name}: {e}; the header says SO:coordinate but it is not. "
                                  "Fix the header (e.g. samtools sort) and convert again") from None
-            for blk in blocks:
-                pending_enc.append(enc_pool.submit(encode_block, blk))
-            take_encoded(2 * threads)
-        for blk in planner.flush():
-            pending_enc.append(enc_pool.submit(encode_block, blk))
+        add_blocks(list(planner.flush()))
+        submit_slice()
         take_encoded(0)
         last = assembler.flush()
         if last is not None:
             submit_chunk(last)
         drain_uploads(0)
-        manifest = writer.commit()
+        manifest = commit(writer) if commit else writer.commit()
     except BaseException:
         for f in pending_enc:
             f.cancel()
         for f, _ in pending_up:
             f.cancel()
-        enc_pool.shutdown(wait=True, cancel_futures=True)
-        up_pool.shutdown(wait=True, cancel_futures=True)
-        writer.abort()
+        if own_executor and executor is not None:
+            executor.shutdown(cancel=True)
+        if writer.run_id and writer.prepared:
+            writer.abort()
         raise
     finally:
         inp.close()
-    enc_pool.shutdown()
-    up_pool.shutdown()
+    if own_executor:
+        executor.shutdown()
     return ConvertResult(manifest=manifest, seconds=time.time() - t0, records=writer.n_records,
-                         bytes_written=written, spill_runs=len(sorter.runs) if sorter else 0,
+                         bytes_written=state["written"], spill_runs=len(sorter.runs) if sorter else 0,
                          chunks=manifest.chunks)
 
 
-def convert(source: str, store: Store, opts: ConvertOptions | None = None, *, stdin=None) -> ConvertResult:
+def convert(source: str, store: Store, opts: ConvertOptions | None = None, *, stdin=None, executor=None,
+            commit=None) -> ConvertResult:
     """Convert ``source`` (path or ``-``) into a dataset on ``store``."""
     opts = opts or ConvertOptions()
     inp = open_input(source, reference=opts.reference, threads=opts.threads, stdin=stdin)
-    return convert_stream(inp, store, opts, source="stdin" if source == "-" else source)
+    return convert_stream(inp, store, opts, source="stdin" if source == "-" else source, executor=executor,
+                          commit=commit)
 
 
 def stderr_progress(info: dict) -> None:

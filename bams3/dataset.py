@@ -85,6 +85,7 @@ class DatasetWriter:
         self._lock = threading.Lock()
         self.previous: Manifest | None = None
         self.n_records = 0
+        self.prepared = False
 
     # -- lifecycle -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -106,6 +107,7 @@ class DatasetWriter:
         stale += [o.key for o in self.store.list_prefix("_tmp/")]
         if stale:
             self.store.delete(stale)
+        self.prepared = True
 
     def chunk_key(self, number: int) -> str:
         return f"{self.prefix}chunks/{number:06d}.b3c"

@@ -312,12 +312,15 @@ def _via_htslib(stream: BinaryIO, name: str, reference: str | None, threads: int
         line = msg[-1] if msg else f"htslib could not parse the input (exit {proc.returncode})"
         raise InputError(f"{name}: {line}")
 
+    bg = BgzfReader(proc.stdout, threads=1, name=name)  # the child writes level-0 BGZF
+
     def data():
-        while True:
-            chunk = proc.stdout.read(1 << 20)
-            if not chunk:
-                break
-            yield chunk
+        try:
+            yield from bg.chunks()
+        except InputError:
+            if proc.wait() != 0:
+                fail()
+            raise
         if proc.wait() != 0:
             fail()
 
@@ -326,8 +329,10 @@ def _via_htslib(stream: BinaryIO, name: str, reference: str | None, threads: int
         header, leftover = _header_from(it, name)
     except InputError:
         if proc.poll() is None:
-            proc.wait()
-        if proc.returncode:
+            proc.kill()
+        proc.wait()
+        errt.join(timeout=5)
+        if err_box and err_box[0].strip():
             fail()
         raise
 
