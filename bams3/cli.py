@@ -37,7 +37,7 @@ def _add_store_options(p: argparse.ArgumentParser, *, write: bool) -> None:
     if write:
         g.add_argument("--s3-part-size", type=_size, default=None, metavar="SIZE",
                        help="multipart part size, 5M..5G (default 10M)")
-        g.add_argument("--storage-class", metavar="CLASS",
+        g.add_argument("--s3-storage-class", "--storage-class", dest="storage_class", metavar="CLASS",
                        help="S3 storage class for chunk objects (e.g. STANDARD, INTELLIGENT_TIERING, STANDARD_IA)")
         g.add_argument("--sse", choices=["AES256", "aws:kms"], help="server-side encryption")
         g.add_argument("--sse-kms-key-id", metavar="KEY", help="KMS key for --sse aws:kms")

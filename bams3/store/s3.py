@@ -303,6 +303,8 @@ def _endpoint_base(url: str) -> str:
 class S3Store(Store):
     """The objects of one dataset under ``s3://bucket/prefix``. Thread-safe."""
 
+    supports_if_match = True  # ETags are stable: readers send If-Match with data reads
+
     def __init__(self, bucket: str, prefix: str = "", *, region: str | None = None,
                  part_size: int = DEFAULT_PART_SIZE, concurrency: int | None = None,
                  storage_class: str | None = None, sse: str | None = None,
