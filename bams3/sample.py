@@ -32,7 +32,6 @@ import gzip
 import hashlib
 import os
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +64,6 @@ _BIN_EDGES = np.array([7.0, 17.5, 27.5, 34.0, 39.5])  # midpoints-ish between bi
 _NORM256 = np.array(
     [__import__("statistics").NormalDist().inv_cdf((i + 0.5) / 256) for i in range(256)], dtype=np.float32
 )
-_CIGAR_RE = re.compile(r"(\d+)([MIDNSHP=X])")
 
 PG_ID = "bams3.sample"
 PG_VN = "0.1.0"
@@ -138,10 +136,11 @@ def make_reference(
 ) -> Reference:
     """Write a random genome as FASTA (60 columns) + ``.fai`` + ``.repeats.tsv``.
 
-    Repeats: segmental copies (300-5000 bp, 0-2% diverged, half reverse
-    complemented) covering ~``repeat_frac`` of the genome, and low-complexity
-    runs (soft-masked lower case in the FASTA if ``soft_mask``).  Contigs of
-    >= 50 kb get one internal N gap of 100-2000 bp.  Returns the
+    Repeats: low-complexity runs (homopolymers, 2-4 bp STRs; soft-masked
+    lower case in the FASTA if ``soft_mask``) and non-overlapping segmental
+    copies (300-5000 bp, 0-2% diverged, half reverse complemented) covering
+    ~``repeat_frac`` of the genome twice (source + copy).  Contigs of >= 50 kb
+    get one internal N gap of 100-2000 bp.  Returns the
     :class:`Reference` (upper case in memory).
     """
     if contigs is None:
@@ -161,29 +160,7 @@ def make_reference(
     seq = np.where(strong, np.where(which, ord("G"), ord("C")), np.where(which, ord("A"), ord("T"))).astype(np.uint8)
     mask = np.zeros(total, dtype=bool)
 
-    # segmental copies (within any contig, to any contig)
-    reps = []
-    if repeat_frac > 0:
-        k = int(total * repeat_frac / 2600)
-        for _ in range(k):
-            ln = int(rng.integers(300, 5000))
-            okc = np.nonzero(lengths > ln * 2 + 10)[0]
-            if okc.size == 0:
-                break
-            ts, td = rng.choice(okc), rng.choice(okc)
-            src = int(offsets[ts] + rng.integers(0, lengths[ts] - ln))
-            dst = int(offsets[td] + rng.integers(0, lengths[td] - ln))
-            if abs(src - dst) < ln:
-                continue
-            seg = seq[src : src + ln].copy()
-            rc = int(rng.random() < 0.5)
-            if rc:
-                seg = _revcomp(seg)
-            div = rng.uniform(0, 0.02)
-            mm = np.nonzero(rng.random(ln) < div)[0]
-            seg[mm] = _ACGT[(_IDX[seg[mm]] + rng.integers(1, 4, mm.size)) % 4]
-            seq[dst : dst + ln] = seg
-            reps.append((src, dst, ln, rc))
+    # low-complexity runs and one internal N gap per large contig
     for t in range(len(contigs)):
         lo, hi = int(offsets[t]), int(offsets[t] + lengths[t])
         _insert_lowcomp(rng, seq, mask, lo, hi, lowcomp_frac)
@@ -192,6 +169,38 @@ def make_reference(
             gs = int(lo + rng.integers(lengths[t] // 4, lengths[t] // 2))
             seq[gs : gs + gl] = ord("N")
             mask[gs : gs + gl] = False
+
+    # segmental copies (any contig to any contig); sources and copies never overlap
+    # each other or an N gap, so every listed pair really is 0-2% diverged
+    reps = []
+    used = seq == ord("N")
+    if repeat_frac > 0:
+        k = int(total * repeat_frac / 2600)
+        for _ in range(20 * k):
+            if len(reps) >= k:
+                break
+            ln = int(rng.integers(300, 5000))
+            okc = np.nonzero(lengths > ln * 2 + 10)[0]
+            if okc.size == 0:
+                break
+            ts, td = rng.choice(okc), rng.choice(okc)
+            src = int(offsets[ts] + rng.integers(0, lengths[ts] - ln))
+            dst = int(offsets[td] + rng.integers(0, lengths[td] - ln))
+            if abs(src - dst) < ln or used[src : src + ln].any() or used[dst : dst + ln].any():
+                continue
+            used[src : src + ln] = True
+            used[dst : dst + ln] = True
+            seg = seq[src : src + ln].copy()
+            mseg = mask[src : src + ln].copy()
+            rc = int(rng.random() < 0.5)
+            if rc:
+                seg, mseg = _revcomp(seg), mseg[::-1]
+            div = rng.uniform(0, 0.02)
+            mm = np.nonzero(rng.random(ln) < div)[0]
+            seg[mm] = _ACGT[(_IDX[seg[mm]] + rng.integers(1, 4, mm.size)) % 4]
+            seq[dst : dst + ln] = seg
+            mask[dst : dst + ln] = mseg
+            reps.append((src, dst, ln, rc))
 
     out = seq.copy()
     if soft_mask:
@@ -416,7 +425,6 @@ def _make_ops(rnd: random.Random, L, lc, rc, ins, dl, ldel, intron) -> list[tupl
     ops.append(("M", runs[-1]))
     if rc:
         ops.append(("S", rc))
-    # merge adjacent same ops (e.g. two D's can't be adjacent because M runs >= 8)
     return ops
 
 
@@ -503,6 +511,8 @@ def simulate_pairs(
     intron = np.where(spl, np.exp(rng.uniform(np.log(100), np.log(5000), R)).astype(np.int64), 0)
     plain = mapped & ~((lclip + rclip + ins + dl + ldel + intron) > 0)
 
+    frag = np.maximum(np.rint(rng.normal(insert_mean, insert_sd, n)).astype(np.int64), L)
+
     # ---- duplicates: copy the fragment + read structure of an earlier normal pair
     nidx = np.nonzero(normal)[0]
     dup = np.zeros(n, dtype=bool)
@@ -519,14 +529,13 @@ def simulate_pairs(
         dup[:] = False
         dup[dsel] = True
         src_of[dsel] = src
-        for a in (rev, chim, chim_len, lclip, rclip, ins, dl, ldel, intron, plain):
+        for a in (o, frag, rev, chim, chim_len, lclip, rclip, ins, dl, ldel, intron, plain):
             a[dsel] = a[src]
 
     span = (L - lclip - rclip - ins + dl + ldel + intron).astype(np.int64)  # reference span when mapped
 
     # ---- fragment placement (rejection sampling: inside a contig, no N)
     ncum = np.concatenate([[0], np.cumsum(ref.seq == ord("N"), dtype=np.int64)])
-    frag = np.maximum(np.rint(rng.normal(insert_mean, insert_sd, n)).astype(np.int64), L)
     span_f = np.where(o, span[:, 1], span[:, 0])  # forward read's span
     span_r = np.where(o, span[:, 0], span[:, 1])
     extent = np.maximum(frag + (span_f - L) + (span_r - L), np.maximum(span_f, span_r))
@@ -553,7 +562,6 @@ def simulate_pairs(
         d = np.nonzero(dup)[0]
         tid_p[d] = tid_p[src_of[d]]
         start[d] = start[src_of[d]]
-        frag[d] = frag[src_of[d]]
     tid = np.where(category == 2, -1, tid_p)[:, None].repeat(2, axis=1).astype(np.int32)
     pos = np.zeros(R, dtype=np.int64)
     fwd_pos = start
@@ -1114,8 +1122,14 @@ def write_truth_bam(
     GO:query).  Records are built as SAM text and converted/sorted by
     ``pysam.samtools`` with ``--no-PG``, so no samtools @PG line is added.
     """
-    ref = _as_reference(ref) if ref is not None else pairs.ref
-    if ref is not pairs.ref and ref.names != pairs.ref.names:
+    if isinstance(ref, Reference):
+        names = ref.names
+    elif ref is not None and os.path.exists(str(ref) + ".fai"):
+        with open(str(ref) + ".fai") as fh:
+            names = [ln.split("\t")[0] for ln in fh if ln.strip()]
+    else:
+        names = pairs.ref.names if ref is None else load_reference(ref).names
+    if names != pairs.ref.names:
         raise ValueError("reference does not match the one the pairs were simulated from")
     out_bam = str(out_bam)
     Path(out_bam).parent.mkdir(parents=True, exist_ok=True)

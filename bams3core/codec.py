@@ -9,12 +9,16 @@ Decoding reproduces the raw BAM records byte for byte.
 
 from __future__ import annotations
 
+import struct
+import threading
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import zstandard
 
+from .names import decode_names, encode_names
+from .tags import TagError, decode_tags, encode_tags
 from .bam import FIXED_DTYPE, FIXED_SIZE, RecordBatch, cigar_ref_lengths, end_positions, gather, reg2bin, scatter
 
 # (name, element width in bytes for byte-shuffling; 1 = no shuffle) — order is the format.
@@ -25,11 +29,12 @@ STREAMS: tuple[tuple[str, int], ...] = (
     ("mapq", 1),
     ("bin", 2),      # bin - reg2bin(pos, end) (mod 2**16): zeros unless the writer disagreed
     ("lseq", 4),     # l_seq
-    ("nref", 4),     # zigzag(next_refid - refid)
-    ("npos", 4),     # zigzag(next_pos - pos)
-    ("tlen", 4),     # zigzag(tlen)
-    ("lname", 1),    # l_read_name (NUL included)
-    ("name", 1),     # read names, NUL-terminated, concatenated
+    ("mate", 2),     # distance back to the mate record in this block (0: none), see find_mates
+    ("nref", 4),     # unlinked records: zigzag(next_refid - refid)
+    ("npos", 4),     # unlinked records: zigzag(next_pos - pos)
+    ("tlen", 4),     # unlinked records: zigzag(tlen - predicted tlen)
+    ("lname", 1),    # unlinked records: l_read_name (NUL included)
+    ("name", 1),     # unlinked records: read names, NUL-terminated, concatenated
     ("ncigar", 2),   # n_cigar_op
     ("cigar", 4),    # CIGAR words (uint32 len<<4|op), concatenated
     ("seq", 1),      # one byte per 4-bit base code (the pad nibble of odd lengths kept)
@@ -88,6 +93,89 @@ def _unshuffle(buf: bytes, width: int, dtype) -> np.ndarray:
     return np.ascontiguousarray(u8.reshape(width, -1).T).reshape(-1).view(dtype)
 
 
+MAX_MATE_DISTANCE = 0xFFFF
+_P = np.uint64(0x100000001B3)
+_K = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9),
+      np.uint64(0xD6E8FEB86659FD93), np.uint64(0xFF51AFD7ED558CCD))
+
+
+def _name_hashes(names: np.ndarray, l_name: np.ndarray) -> np.ndarray:
+    n = len(l_name)
+    if n == 0 or len(names) == 0:
+        return np.zeros(n, dtype=np.uint64)
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(l_name[:-1], out=starts[1:])
+    k = np.arange(len(names), dtype=np.int64) - np.repeat(starts, l_name)
+    w = (names.astype(np.uint64) + np.uint64(1)) * (_K[0] + k.astype(np.uint64) * _P)
+    w ^= w >> np.uint64(29)
+    nz = l_name > 0
+    out = np.zeros(n, dtype=np.uint64)
+    out[nz] = np.add.reduceat(w, starts[nz]) if nz.any() else out[nz]
+    return out
+
+
+def find_mates(refid, pos, nref, npos, tlen, names, l_name) -> np.ndarray:
+    """For each record, the distance back to an earlier record of this block that is its mate
+    (0 if none): same name, and this record's RNEXT/PNEXT/TLEN equal that record's
+    RNAME/POS/-TLEN. The target is never itself linked, so decoding needs one pass."""
+    n = len(pos)
+    link = np.zeros(n, dtype=np.int64)
+    if n < 2:
+        return link
+    with np.errstate(over="ignore"):
+        h = _name_hashes(names, l_name)
+        u = lambda a: a.astype(np.int64).astype(np.uint64)  # noqa: E731
+        fwd = h ^ (u(refid) * _K[1]) ^ (u(pos) * _K[2]) ^ (u(nref) * _K[3]) ^ (u(npos) * _K[4]) ^ (u(-tlen) * _K[0])
+        rev = h ^ (u(nref) * _K[1]) ^ (u(npos) * _K[2]) ^ (u(refid) * _K[3]) ^ (u(pos) * _K[4]) ^ (u(tlen) * _K[0])
+    order = np.lexsort((np.arange(n), fwd))
+    sf = fwd[order]
+    # the nearest earlier record j with fwd[j] == rev[i]
+    p = np.searchsorted(sf, rev, side="left")
+    q = np.searchsorted(sf, rev, side="right")
+    cand = np.full(n, -1, dtype=np.int64)
+    has = q > p
+    idx = np.arange(n)
+    if has.any():
+        # dense rank of each sorted key, then (rank, index) as one sortable integer
+        rank = np.concatenate([[0], np.cumsum(sf[1:] != sf[:-1])]).astype(np.int64)
+        comp = rank * n + order
+        hi = np.flatnonzero(has)
+        pos2 = np.searchsorted(comp, rank[p[hi]] * n + hi, side="left") - 1
+        good = pos2 >= p[hi]
+        cand[hi[good]] = order[pos2[good]]
+    ok = cand >= 0
+    ok &= (idx - cand) <= MAX_MATE_DISTANCE
+    j = np.where(ok, cand, 0)
+    ok &= (nref == refid[j]) & (npos == pos[j]) & (tlen == -tlen[j]) & (l_name == l_name[j])
+    # exact name comparison for the candidates
+    if ok.any():
+        starts = np.zeros(n, dtype=np.int64)
+        np.cumsum(l_name[:-1], out=starts[1:])
+        ii = np.flatnonzero(ok)
+        a = gather(names, starts[ii], l_name[ii])
+        b = gather(names, starts[j[ii]], l_name[ii])
+        diff = (a != b).astype(np.int64)
+        cs = np.concatenate([[0], np.cumsum(diff)])
+        ends = np.cumsum(l_name[ii])
+        bad = (cs[ends] - cs[ends - l_name[ii]]) > 0
+        ok[ii[bad]] = False
+    link[ok] = (idx - cand)[ok]
+    # a linked record must not be a target (one-pass decoding)
+    linked = np.flatnonzero(link)
+    # process in order: drop links whose target is itself linked
+    bad = link[linked - link[linked]] != 0
+    link[linked[bad]] = 0
+    return link
+
+
+def predict_tlen(refid, pos, nref, npos, flag, rlen) -> np.ndarray:
+    """TLEN as an aligner would write it if the mate spans as many bases as this read."""
+    same = (nref == refid) & (refid >= 0) & ((flag & 0xC) == 0)
+    right = npos >= pos
+    pred = np.where(right, npos + rlen - pos, -(pos + rlen - npos))
+    return np.where(same, pred, 0)
+
+
 class BlockEncoder:
     """Encodes record batches into blocks. One per thread (zstd contexts are not shared)."""
 
@@ -130,28 +218,41 @@ class BlockEncoder:
         seq[0::2] = packed >> 4
         seq[1::2] = packed & 0xF
 
+        names = gather(u8, name_off, l_name)
+        refid = fx["refid"].astype(np.int64)
+        nref = fx["next_refid"].astype(np.int64)
+        npos = fx["next_pos"].astype(np.int64)
+        tlen = fx["tlen"].astype(np.int64)
+        link = find_mates(refid, pos, nref, npos, tlen, names, l_name)
+        un = link == 0
+        name_keep = np.repeat(un, l_name)
         raw = {
-            "refid": _zz(fx["refid"].astype(np.int64) - ref_id),
+            "refid": _zz(refid - ref_id),
             "pos": _zz(np.diff(pos, prepend=pos[0])),
             "flag": fx["flag"].copy(),
             "mapq": fx["mapq"].copy(),
             "bin": bins.astype(np.uint16),
             "lseq": fx["l_seq"].astype(np.uint32),
-            "nref": _zz(fx["next_refid"].astype(np.int64) - fx["refid"]),
-            "npos": _zz(fx["next_pos"].astype(np.int64) - pos),
-            "tlen": _zz(fx["tlen"]),
-            "lname": fx["l_read_name"].copy(),
-            "name": gather(u8, name_off, l_name),
+            "mate": link.astype(np.uint16),
+            "nref": _zz((nref - refid)[un]),
+            "npos": _zz((npos - pos)[un]),
+            "tlen": _zz((tlen - predict_tlen(refid, pos, nref, npos, fx["flag"], rlen))[un]),
+            "lname": fx["l_read_name"][un].copy(),
+            "name": names[name_keep],
             "ncigar": fx["n_cigar_op"].copy(),
             "cigar": cigar,
             "seq": seq,
             "qual": gather(u8, qual_off, l_seq),
             "ltags": l_tags.astype(np.uint32),
-            "tags": gather(u8, tag_off, l_tags),
         }
         frames = []
         for name, width in STREAMS:
-            frames.append(self._cctx[name].compress(_shuffle(np.ascontiguousarray(raw[name]), width)))
+            if name == "tags":
+                frames.append(encode_tags(u8, tag_off, l_tags, self._cctx[name]))
+            elif name == "name":
+                frames.append(encode_names(raw["name"], l_name[un], self._cctx[name]))
+            else:
+                frames.append(self._cctx[name].compress(_shuffle(np.ascontiguousarray(raw[name]), width)))
         data = b"".join(frames)
         return EncodedBlock(
             data=data,
@@ -166,7 +267,15 @@ class BlockEncoder:
         )
 
 
-_DCTX = zstandard.ZstdDecompressor()
+_TLS = threading.local()
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    """A per-thread decompressor (zstd contexts must not be shared between threads)."""
+    d = getattr(_TLS, "dctx", None)
+    if d is None:
+        d = _TLS.dctx = zstandard.ZstdDecompressor()
+    return d
 
 
 def split_streams(data: bytes, stream_sizes) -> dict[str, bytes]:
@@ -183,7 +292,7 @@ def split_streams(data: bytes, stream_sizes) -> dict[str, bytes]:
 
 def _decompress(frame: bytes) -> bytes:
     try:
-        return _DCTX.decompress(frame)
+        return _dctx().decompress(frame)
     except zstandard.ZstdError as e:
         raise CodecError(f"corrupt stream ({e})") from None
 
@@ -191,7 +300,7 @@ def _decompress(frame: bytes) -> bytes:
 def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_start: int) -> RecordBatch:
     """Rebuild the raw BAM records of a block (inverse of :meth:`BlockEncoder.encode`)."""
     frames = split_streams(data, stream_sizes)
-    s = {name: _decompress(frames[name]) for name in STREAM_NAMES}
+    s = {name: _decompress(frames[name]) for name in STREAM_NAMES if name not in ("tags", "name")}
     n = n_records
 
     def arr(name, dtype):
@@ -209,27 +318,71 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
     fx["flag"] = arr("flag", "<u2")
     fx["mapq"] = arr("mapq", "u1")
     fx["l_seq"] = arr("lseq", "<u4").astype(np.int64)
-    fx["next_refid"] = _unzz(arr("nref", "<u4")).astype(np.int64) + fx["refid"]
-    fx["next_pos"] = _unzz(arr("npos", "<u4")).astype(np.int64) + pos
-    fx["tlen"] = _unzz(arr("tlen", "<u4"))
-    fx["l_read_name"] = arr("lname", "u1")
     fx["n_cigar_op"] = arr("ncigar", "<u2")
-    l_name = fx["l_read_name"].astype(np.int64)
+    link = arr("mate", "<u2").astype(np.int64)
+    un = link == 0
+    nun = int(un.sum())
+    idx = np.arange(n)
+    tgt = idx - link
+    if (tgt < 0).any() or (link[tgt[~un]] != 0).any():
+        raise CodecError("bad mate links")
+
+    def sub(name, dtype):
+        width = np.dtype(dtype).itemsize
+        a = _unshuffle(s[name], width, dtype)
+        if len(a) != nun:
+            raise CodecError(f"stream {name!r} holds {len(a)} values for {nun} records")
+        return a
+
     n_cig = fx["n_cigar_op"].astype(np.int64)
+    cigar = _unshuffle(s["cigar"], 4, "<u4")
+    if len(cigar) != n_cig.sum():
+        raise CodecError("stream lengths disagree with the record counts")
+    rlen = cigar_ref_lengths(cigar, n_cig)
+    refid = fx["refid"].astype(np.int64)
+    nref = np.zeros(n, dtype=np.int64)
+    npos = np.zeros(n, dtype=np.int64)
+    tlen = np.zeros(n, dtype=np.int64)
+    nref[un] = _unzz(sub("nref", "<u4")).astype(np.int64) + refid[un]
+    npos[un] = _unzz(sub("npos", "<u4")).astype(np.int64) + pos[un]
+    pred = predict_tlen(refid, pos, nref, npos, fx["flag"].astype(np.int64), rlen)
+    tlen[un] = _unzz(sub("tlen", "<u4")).astype(np.int64) + pred[un]
+    lk = ~un
+    nref[lk] = refid[tgt[lk]]
+    npos[lk] = pos[tgt[lk]]
+    tlen[lk] = -tlen[tgt[lk]]
+    fx["next_refid"] = nref
+    fx["next_pos"] = npos
+    fx["tlen"] = tlen
+    l_name = np.zeros(n, dtype=np.int64)
+    l_name[un] = sub("lname", "u1")
+    l_name[lk] = l_name[tgt[lk]]
+    fx["l_read_name"] = l_name
+    try:
+        names_un, l_dec = decode_names(frames["name"], nun, _dctx())
+    except (ValueError, zstandard.ZstdError, struct.error, IndexError) as e:
+        raise CodecError(f"corrupt names stream ({e})") from None
+    if len(names_un) != l_name[un].sum() or (l_dec != l_name[un]).any():
+        raise CodecError("stream lengths disagree with the record counts")
+    name_starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(l_name[:-1], out=name_starts[1:])
+    names = np.empty(int(l_name.sum()), dtype=np.uint8)
+    names[np.repeat(un, l_name)] = names_un
+    if lk.any():
+        ii = np.flatnonzero(lk)
+        scatter(names, name_starts[ii], l_name[ii], gather(names, name_starts[tgt[ii]], l_name[ii]))
     l_seq = fx["l_seq"].astype(np.int64)
     l_packed = (l_seq + 1) // 2
     l_tags = arr("ltags", "<u4").astype(np.int64)
 
-    names = np.frombuffer(s["name"], dtype=np.uint8)
-    cigar = _unshuffle(s["cigar"], 4, "<u4")
     seq = np.frombuffer(s["seq"], dtype=np.uint8)
     qual = np.frombuffer(s["qual"], dtype=np.uint8)
-    tags = np.frombuffer(s["tags"], dtype=np.uint8)
-    if (len(names) != l_name.sum() or len(cigar) != n_cig.sum() or len(seq) != 2 * l_packed.sum()
-            or len(qual) != l_seq.sum() or len(tags) != l_tags.sum()):
+    try:
+        tags = decode_tags(frames["tags"], l_tags, _dctx())
+    except (TagError, zstandard.ZstdError, struct.error, IndexError) as e:
+        raise CodecError(f"corrupt tags stream ({e})") from None
+    if len(seq) != 2 * l_packed.sum() or len(qual) != l_seq.sum() or len(tags) != l_tags.sum():
         raise CodecError("stream lengths disagree with the record counts")
-
-    rlen = cigar_ref_lengths(cigar, n_cig)
     ends = end_positions(pos, fx["flag"], rlen)
     fx["bin"] = (reg2bin(pos, ends) + arr("bin", "<u2")) & 0xFFFF
 

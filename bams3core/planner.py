@@ -17,7 +17,7 @@ import numpy as np
 from .bam import RecordBatch, sort_keys
 from .codec import EncodedBlock
 
-DEFAULT_BLOCK_BYTES = 128 << 10
+DEFAULT_BLOCK_BYTES = 256 << 10
 DEFAULT_MAX_BLOCK_RECORDS = 4096
 DEFAULT_CHUNK_BYTES = 16 << 20
 

@@ -1,0 +1,267 @@
+"""Columnar tags: split each record's BAM tag area into per-tag columns, and back.
+
+The tag area of a BAM record is a sequence of ``key(2) type(1) value``. Records are grouped
+by their *layout* (the ordered list of key+type pairs, e.g. ``NMcMDZASCRGZ``); the layout of
+each record is dictionary-coded and each key+type has its own column of values, compressed
+separately. Tag order and types are kept exactly, so the bytes round-trip.
+
+Encoded form (all little-endian)::
+
+    u32 n_layouts, then per layout: u16 n_tags, n_tags x 3 bytes (key, type)
+    u32 n_columns, then per column: 3 bytes (key, type), u32 compressed size
+    zstd(layout id per record, u16 shuffled)
+    column payloads, each zstd(values concatenated in record order)
+
+Values of fixed-size types are stored byte-shuffled; Z/H strings keep their NUL; B arrays
+keep their subtype and count. Vectorised over records; Python loops only run over tag slots
+and distinct layouts.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import zstandard
+
+from .bam import gather, scatter
+
+_FIXED = {ord("A"): 1, ord("c"): 1, ord("C"): 1, ord("s"): 2, ord("S"): 2, ord("i"): 4, ord("I"): 4, ord("f"): 4}
+_BSIZE = {ord("c"): 1, ord("C"): 1, ord("s"): 2, ord("S"): 2, ord("i"): 4, ord("I"): 4, ord("f"): 4}
+_SIZE_LUT = np.zeros(256, dtype=np.int64)
+for _t, _s in _FIXED.items():
+    _SIZE_LUT[_t] = _s
+_BSIZE_LUT = np.zeros(256, dtype=np.int64)
+for _t, _s in _BSIZE.items():
+    _BSIZE_LUT[_t] = _s
+
+
+class TagError(ValueError):
+    pass
+
+
+def split_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray):
+    """Parse tag areas ``buf[starts[i]:starts[i]+lens[i]]``.
+
+    Returns (layout_ids, layouts, columns): ``layouts`` a list of tuples of 3-byte keys,
+    ``columns`` a dict key -> (value starts, value lengths) in record order.
+    Raises TagError on malformed tags.
+    """
+    n = len(starts)
+    ends = starts + lens
+    p = starts.copy()
+    zeros = np.flatnonzero(buf == 0)
+    slot_keys = []   # per slot: int key (k0<<16|k1<<8|type) or -1
+    slot_off = []    # per slot: value start
+    slot_len = []
+    active = p < ends
+    while active.any():
+        ia = np.flatnonzero(active)
+        pa = p[ia]
+        if (pa + 3 > ends[ia]).any():
+            raise TagError("truncated tag")
+        t = buf[pa + 2].astype(np.int64)
+        size = _SIZE_LUT[t].copy()
+        isz = (t == ord("Z")) | (t == ord("H"))
+        if isz.any():
+            vs = pa[isz] + 3
+            k = np.searchsorted(zeros, vs)
+            if (k >= len(zeros)).any():
+                raise TagError("unterminated string tag")
+            size[isz] = zeros[k] - vs + 1
+        isb = t == ord("B")
+        if isb.any():
+            vs = pa[isb] + 3
+            if (vs + 5 > ends[ia][isb]).any():
+                raise TagError("truncated B array")
+            sub = buf[vs].astype(np.int64)
+            esz = _BSIZE_LUT[sub]
+            if (esz == 0).any():
+                raise TagError("bad B array subtype")
+            cnt = gather(buf, vs + 1, np.full(len(vs), 4)).view("<u4").astype(np.int64)
+            size[isb] = 5 + cnt * esz
+        if ((size == 0) & ~isz).any():
+            raise TagError("unknown tag type")
+        key = (buf[pa].astype(np.int64) << 16) | (buf[pa + 1].astype(np.int64) << 8) | t
+        nk = np.full(n, -1, dtype=np.int64)
+        no = np.zeros(n, dtype=np.int64)
+        nl = np.zeros(n, dtype=np.int64)
+        nk[ia], no[ia], nl[ia] = key, pa + 3, size
+        slot_keys.append(nk)
+        slot_off.append(no)
+        slot_len.append(nl)
+        p[ia] = pa + 3 + size
+        if (p[ia] > ends[ia]).any():
+            raise TagError("tag value overruns the record")
+        active = p < ends
+    if not slot_keys:
+        return np.zeros(n, dtype=np.int64), [()], {}
+    K = np.stack(slot_keys, axis=1)  # n x slots
+    layouts_arr, layout_ids = np.unique(K, axis=0, return_inverse=True)
+    layouts = [tuple(int(k) for k in row if k >= 0) for row in layouts_arr]
+    O = np.stack(slot_off, axis=1)
+    L = np.stack(slot_len, axis=1)
+    columns: dict[int, tuple[list, list, list]] = {}
+    for s in range(K.shape[1]):
+        ks = K[:, s]
+        for key in np.unique(ks[ks >= 0]):
+            rows = np.flatnonzero(ks == key)
+            c = columns.setdefault(int(key), ([], [], []))
+            c[0].append(rows)
+            c[1].append(O[rows, s])
+            c[2].append(L[rows, s])
+    cols = {}
+    for key, (rows, offs, lns) in columns.items():
+        rows = np.concatenate(rows)
+        order = np.argsort(rows, kind="stable")  # record order (a key appears once per record)
+        cols[key] = (np.concatenate(offs)[order], np.concatenate(lns)[order])
+    return layout_ids.reshape(-1).astype(np.int64), layouts, cols
+
+
+def _kbytes(key: int) -> bytes:
+    return bytes([(key >> 16) & 0xFF, (key >> 8) & 0xFF, key & 0xFF])
+
+
+def encode_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray, cctx: zstandard.ZstdCompressor) -> bytes:
+    """Columnar encoding of the tag areas; falls back to raw bytes if they do not parse."""
+    buf = gather(buf, starts, lens)  # work on this block's tag bytes only
+    starts = np.zeros(len(lens), dtype=np.int64)
+    np.cumsum(lens[:-1], out=starts[1:])
+    try:
+        layout_ids, layouts, cols = split_tags(buf, starts, lens)
+    except TagError:
+        return b"\x00" + cctx.compress(gather(buf, starts, lens).tobytes())
+    if len(layouts) > 0xFFFF:
+        return b"\x00" + cctx.compress(gather(buf, starts, lens).tobytes())
+    head = [b"\x01", struct.pack("<I", len(layouts))]
+    for lay in layouts:
+        head.append(struct.pack("<H", len(lay)))
+        head.extend(_kbytes(k) for k in lay)
+    ids = layout_ids.astype("<u2")
+    payloads = [cctx.compress(ids.view(np.uint8).reshape(-1, 2).T.tobytes())]
+    head.append(struct.pack("<I", len(cols)))
+    for key, (offs, lns) in cols.items():
+        vals = gather(buf, offs, lns)
+        t = key & 0xFF
+        w = _FIXED.get(t, 1)
+        if w > 1:
+            vals = vals.reshape(-1, w).T.reshape(-1)
+        payload = cctx.compress(vals.tobytes())
+        head.append(_kbytes(key) + struct.pack("<I", len(payload)))
+        payloads.append(payload)
+    return b"".join(head) + struct.pack("<I", len(payloads[0])) + b"".join(payloads)
+
+
+def decode_tags(data: bytes, l_tags: np.ndarray, dctx: zstandard.ZstdDecompressor) -> np.ndarray:
+    """Inverse of :func:`encode_tags`: the concatenated tag areas (uint8)."""
+    if not data:
+        raise TagError("empty tags stream")
+    if data[0] == 0:
+        return np.frombuffer(dctx.decompress(data[1:]), dtype=np.uint8)
+    if data[0] != 1:
+        raise TagError("unknown tags encoding")
+    p = 1
+    (nlay,) = struct.unpack_from("<I", data, p)
+    p += 4
+    layouts = []
+    for _ in range(nlay):
+        (nt,) = struct.unpack_from("<H", data, p)
+        p += 2
+        layouts.append([(data[p + 3 * i] << 16) | (data[p + 3 * i + 1] << 8) | data[p + 3 * i + 2] for i in range(nt)])
+        p += 3 * nt
+    (ncol,) = struct.unpack_from("<I", data, p)
+    p += 4
+    colkeys, colsizes = [], []
+    for _ in range(ncol):
+        colkeys.append((data[p] << 16) | (data[p + 1] << 8) | data[p + 2])
+        colsizes.append(struct.unpack_from("<I", data, p + 3)[0])
+        p += 7
+    (idsize,) = struct.unpack_from("<I", data, p)
+    p += 4
+    n = len(l_tags)
+    raw_ids = np.frombuffer(dctx.decompress(data[p:p + idsize]), dtype=np.uint8)
+    p += idsize
+    if len(raw_ids) != 2 * n:
+        raise TagError("tag layout count mismatch")
+    ids = np.ascontiguousarray(raw_ids.reshape(2, -1).T).reshape(-1).view("<u2").astype(np.int64)
+    if n and ids.max() >= nlay:
+        raise TagError("bad tag layout id")
+    colvals = {}
+    for key, size in zip(colkeys, colsizes):
+        colvals[key] = np.frombuffer(dctx.decompress(data[p:p + size]), dtype=np.uint8)
+        p += size
+    # value lengths per record per slot: recompute from the values themselves
+    out = np.empty(int(l_tags.sum()), dtype=np.uint8)
+    rec_start = np.zeros(n, dtype=np.int64)
+    np.cumsum(l_tags[:-1], out=rec_start[1:])
+    cursor = rec_start.copy()
+    colpos = {k: 0 for k in colkeys}
+    maxslots = max((len(l) for l in layouts), default=0)
+    lay_arr = np.full((max(nlay, 1), maxslots), -1, dtype=np.int64)
+    for i, l in enumerate(layouts):
+        lay_arr[i, :len(l)] = l
+    K = lay_arr[ids] if n else np.zeros((0, maxslots), dtype=np.int64)
+    # per column: record rows in record order, and per-row value sizes
+    col_rows: dict[int, list] = {}
+    for s in range(maxslots):
+        ks = K[:, s]
+        for key in np.unique(ks[ks >= 0]):
+            col_rows.setdefault(int(key), []).append((s, np.flatnonzero(ks == key)))
+    # value sizes per (row, slot)
+    sizes = np.zeros((n, maxslots), dtype=np.int64)
+    for key, lst in col_rows.items():
+        rows = np.sort(np.concatenate([r for _, r in lst]))
+        vals = colvals.get(key)
+        if vals is None:
+            raise TagError("missing tag column")
+        t = key & 0xFF
+        if t in _FIXED:
+            w = _FIXED[t]
+            if len(vals) != w * len(rows):
+                raise TagError("tag column size mismatch")
+            if w > 1:
+                vals = np.ascontiguousarray(vals.reshape(w, -1).T).reshape(-1)
+            lens = np.full(len(rows), w, dtype=np.int64)
+        elif t in (ord("Z"), ord("H")):
+            z = np.flatnonzero(vals == 0)
+            if len(z) != len(rows):
+                raise TagError("tag column size mismatch")
+            lens = np.diff(np.concatenate([[-1], z]))
+        elif t == ord("B"):
+            lens = np.zeros(len(rows), dtype=np.int64)
+            q = 0
+            # B arrays: subtype + count header per value (sequential, small counts of rows)
+            hdr_sub = []
+            for r in range(len(rows)):
+                if q + 5 > len(vals):
+                    raise TagError("truncated B array column")
+                esz = _BSIZE.get(int(vals[q]))
+                if esz is None:
+                    raise TagError("bad B array subtype")
+                cnt = int(np.frombuffer(vals[q + 1:q + 5].tobytes(), dtype="<u4")[0])
+                lens[r] = 5 + cnt * esz
+                q += lens[r]
+            if q != len(vals):
+                raise TagError("tag column size mismatch")
+        else:
+            raise TagError("unknown tag type")
+        colvals[key] = (rows, vals, lens)
+    # write slot by slot
+    for s in range(maxslots):
+        ks = K[:, s]
+        for key in np.unique(ks[ks >= 0]):
+            rows_s = np.flatnonzero(ks == key)
+            rows, vals, lens = colvals[int(key)]
+            # positions of rows_s within the column's record-ordered rows
+            idx = np.searchsorted(rows, rows_s)
+            vstart = np.concatenate([[0], np.cumsum(lens)])[idx]
+            vlen = lens[idx]
+            hdr = np.frombuffer(_kbytes(int(key)), dtype=np.uint8)
+            for b in range(3):
+                out[cursor[rows_s] + b] = hdr[b]
+            cursor[rows_s] += 3
+            scatter(out, cursor[rows_s], vlen, gather(vals, vstart, vlen))
+            cursor[rows_s] += vlen
+    if (cursor != rec_start + l_tags).any():
+        raise TagError("tag areas do not add up")
+    return out
