@@ -221,6 +221,7 @@ class QueryStats:
     blocks: int = 0
     records_decoded: int = 0
     records_out: int = 0
+    blocks_with_hits: int = 0  # decoded blocks holding at least one returned record
 
 
 class Dataset:
@@ -380,6 +381,7 @@ class Dataset:
                     yield b
                     continue
                 mask = overlap_mask(b, region)
+                self.qstats.blocks_with_hits += bool(mask.any())
                 if mask.all():
                     self.qstats.records_out += len(b)
                     yield b

@@ -95,11 +95,22 @@ class LocalStore(Store):
         return self.head(key)
 
     def delete(self, keys: Iterable[str]):
+        dirs = set()
         for key in keys:
+            path = self._path(key)
             try:
-                os.unlink(self._path(key))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
+            dirs.add(os.path.dirname(path))
+        # prune directories left empty (never the dataset root itself)
+        for d in sorted(dirs, key=len, reverse=True):
+            while d.startswith(self.root + os.sep):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+                d = os.path.dirname(d)
 
     def cleanup_incomplete(self):
         n = 0
