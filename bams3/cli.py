@@ -184,6 +184,12 @@ def cmd_verify(args, argv) -> int:
     return 0 if rep.ok else 1
 
 
+def cmd_demo(args, argv) -> int:
+    from .demo import run_demo
+
+    return run_demo(n_pairs=args.pairs, workdir=args.workdir)
+
+
 # -- parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from bams3core.planner import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK_BYTES
@@ -261,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-@", "--threads", type=int, default=2)
     _add_store_options(p, write=False)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on a local S3 endpoint with a generated sample",
+                       description="Start a local S3 endpoint (moto, 127.0.0.1), generate a sample BAM, convert it "
+                                   "with the Prefect flow convert-to-s3 (ephemeral API), query a region and print "
+                                   "stats straight from S3, and verify the dataset.")
+    p.add_argument("--pairs", type=int, default=20000, help="read pairs in the sample (default 20000)")
+    p.add_argument("--workdir", help="where to put the sample and cache (default: a new temp directory)")
+    p.set_defaults(func=cmd_demo)
     return ap
 
 
