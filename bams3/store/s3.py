@@ -4,7 +4,8 @@
   roles), or a ``boto3.Session`` passed in (e.g. from a prefect-aws ``AwsCredentials`` block).
 - Endpoint: AWS by default; ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (honoured by boto3
   itself) for MinIO, moto, Ceph...; path-style addressing is used for non-AWS endpoints.
-- Region: ``region=`` if given, else discovered once per bucket with HeadBucket and cached.
+- Region: ``region=`` if given, else the session's default (us-east-1 if none); a bucket in
+  another region is followed by botocore's region redirector, no extra request up front.
 - Retries: botocore's ``standard`` (or ``adaptive``) retry mode with exponential backoff and
   jitter for throttling (503 SlowDown), 5xx and connection errors; this module adds retries of
   failures while *reading a response body*, which botocore does not retry.
@@ -428,39 +429,12 @@ class S3Store(Store):
             return self._client
 
     def _create_client(self):
-        if self.region:
-            return self._make_client(self.region)
-        fallback = self._session.region_name or "us-east-1"
-        cache_name = f"region\0{self._ns}\0{self.bucket}"
-        cached = self._cache.get_value(cache_name, REGION_CACHE_SECONDS) if self.use_cache \
-            else None
-        if cached:
-            self.region = cached
-            return self._make_client(cached)
-        client = self._make_client(fallback)
-        region = self._discover_region(client) or fallback
-        self.region = region
-        if self.use_cache:
-            self._cache.put_value(cache_name, region)
-        return client if region == fallback else self._make_client(region)
-
-    def _discover_region(self, client) -> str | None:
-        try:
-            resp = client.head_bucket(Bucket=self.bucket)
-            return (resp.get("BucketRegion")
-                    or resp["ResponseMetadata"]["HTTPHeaders"].get("x-amz-bucket-region"))
-        except bce.ClientError as e:
-            headers = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}) or {}
-            code = str(e.response.get("Error", {}).get("Code"))
-            if code in ("404", "NoSuchBucket", "NotFound"):
-                raise self._err(e, op="HeadBucket") from None
-            if headers.get("x-amz-bucket-region"):
-                return headers["x-amz-bucket-region"]
-            if code in ("403", "AccessDenied", "Forbidden") or code in _REGION_CODES:
-                return None  # no s3:ListBucket; the client's redirect handling copes
-            raise self._err(e, op="HeadBucket") from None
-        except Exception as e:
-            raise self._err(e, op="HeadBucket") from None
+        # No up-front region discovery (it would cost a HeadBucket per cold process): use the
+        # requested/configured region; botocore's S3 region redirector follows a bucket that
+        # lives elsewhere (301/400 with x-amz-bucket-region) and remembers it for the client.
+        if not self.region:
+            self.region = self._session.region_name or "us-east-1"
+        return self._make_client(self.region)
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
