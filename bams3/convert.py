@@ -61,7 +61,7 @@ class ExternalSorter:
     def __init__(self, store: Store, run_id: str, max_memory: int):
         self.store = store
         self.prefix = f"_tmp/{run_id}/"
-        self.run_bytes = max(1 << 16, max_memory // 2)
+        self.run_bytes = max(1 << 16, max_memory // 3)  # sorting a run needs ~2.5x its size
         self.frame_bytes = max(1 << 12, min(1 << 16, max_memory // 16))
         self.fan_in = max(2, max_memory // (2 * self.frame_bytes))
         self.runs: list[str] = []
@@ -94,6 +94,13 @@ class ExternalSorter:
         finally:
             f.close()
 
+    @staticmethod
+    def _sorted_run(buf: list[RecordBatch]) -> RecordBatch:
+        """Concatenate and sort the buffered batches, releasing them first (peak ~2x the run)."""
+        joined = RecordBatch.concat(buf)
+        buf.clear()
+        return sort_batch(joined)
+
     def sort(self, batches: Iterator[RecordBatch]) -> Iterator[RecordBatch]:
         buf: list[RecordBatch] = []
         size = 0
@@ -101,10 +108,9 @@ class ExternalSorter:
             buf.append(b)
             size += len(b.raw())
             if size >= self.run_bytes:
-                run = sort_batch(RecordBatch.concat(buf))
-                buf, size = [], 0
-                self.runs.append(self._spill(iter([run])))
-        last = sort_batch(RecordBatch.concat(buf)) if buf else None
+                self.runs.append(self._spill(iter([self._sorted_run(buf)])))
+                size = 0
+        last = self._sorted_run(buf) if buf else None
         if not self.runs:
             if last is not None and len(last):
                 yield last
