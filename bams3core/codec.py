@@ -18,6 +18,7 @@ import numpy as np
 import zstandard
 
 from .names import decode_names, encode_names
+from .qualcodec import decode_quals, encode_quals
 from .tags import TagError, decode_tags, encode_tags
 from .bam import FIXED_DTYPE, FIXED_SIZE, RecordBatch, cigar_ref_lengths, end_positions, gather, reg2bin, scatter
 
@@ -38,7 +39,7 @@ STREAMS: tuple[tuple[str, int], ...] = (
     ("ncigar", 2),   # n_cigar_op
     ("cigar", 4),    # CIGAR words (uint32 len<<4|op), concatenated
     ("seq", 1),      # one byte per 4-bit base code (the pad nibble of odd lengths kept)
-    ("qual", 1),     # Phred qualities, l_seq bytes per record (0xFF for '*')
+    ("qual", 1),     # Phred qualities, l_seq per record (0xFF for '*'): context-model range coder
     ("ltags", 4),    # byte length of each record's tag area
     ("tags", 1),     # tag areas (key, type, value... exactly as BAM), concatenated
 )
@@ -48,7 +49,7 @@ NSTREAMS = len(STREAMS)
 
 # zstd level per stream (tuned for size at convert speed); anything absent uses DEFAULT_LEVEL.
 DEFAULT_LEVEL = 3
-STREAM_LEVELS = {"qual": 7, "name": 9, "seq": 5, "tags": 7, "cigar": 5}
+STREAM_LEVELS = {"name": 9, "seq": 5, "tags": 7, "cigar": 5}
 
 
 class CodecError(ValueError):
@@ -251,6 +252,8 @@ class BlockEncoder:
                 frames.append(encode_tags(u8, tag_off, l_tags, self._cctx[name]))
             elif name == "name":
                 frames.append(encode_names(raw["name"], l_name[un], self._cctx[name]))
+            elif name == "qual":
+                frames.append(encode_quals(raw["qual"], l_seq))
             else:
                 frames.append(self._cctx[name].compress(_shuffle(np.ascontiguousarray(raw[name]), width)))
         data = b"".join(frames)
@@ -300,7 +303,7 @@ def _decompress(frame: bytes) -> bytes:
 def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_start: int) -> RecordBatch:
     """Rebuild the raw BAM records of a block (inverse of :meth:`BlockEncoder.encode`)."""
     frames = split_streams(data, stream_sizes)
-    s = {name: _decompress(frames[name]) for name in STREAM_NAMES if name not in ("tags", "name")}
+    s = {name: _decompress(frames[name]) for name in STREAM_NAMES if name not in ("tags", "name", "qual")}
     n = n_records
 
     def arr(name, dtype):
@@ -376,7 +379,10 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
     l_tags = arr("ltags", "<u4").astype(np.int64)
 
     seq = np.frombuffer(s["seq"], dtype=np.uint8)
-    qual = np.frombuffer(s["qual"], dtype=np.uint8)
+    try:
+        qual = decode_quals(frames["qual"], l_seq)
+    except ValueError as e:
+        raise CodecError(f"corrupt quality stream ({e})") from None
     try:
         tags = decode_tags(frames["tags"], l_tags, _dctx())
     except (TagError, zstandard.ZstdError, struct.error, IndexError) as e:
