@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -133,26 +134,49 @@ def encode_slice(blocks: list[RecordBatch]) -> list[tuple]:
 
 
 class ThreadExecutor:
-    """Runs the pipeline's steps on thread pools (the CLI's executor).
+    """Runs the pipeline's steps locally (the CLI's executor): encoding on ``threads`` worker
+    processes (the per-block numpy work holds the GIL, so threads would not scale), uploads
+    on a thread pool bounded by the upload concurrency.
 
     The Prefect flow supplies another executor whose ``submit_*`` return Prefect futures of
     the ``chunk`` and ``upload`` tasks; anything with ``.result()`` works.
     """
 
-    def __init__(self, threads: int, upload_concurrency: int):
+    PROCESS_AFTER_SLICES = 8  # small inputs never pay the worker start-up (~1 s)
+
+    def __init__(self, threads: int, upload_concurrency: int, processes: bool | None = None):
         self.threads = max(1, threads)
         self.upload_concurrency = max(1, upload_concurrency)
-        self._enc = ThreadPoolExecutor(self.threads, thread_name_prefix="encode")
+        self._use_procs = self.threads > 1 if processes is None else processes
+        self._threads = ThreadPoolExecutor(self.threads, thread_name_prefix="encode")
+        self._procs = None
+        self._submitted = 0
         self._up = ThreadPoolExecutor(self.upload_concurrency, thread_name_prefix="upload")
 
+    def _process_pool(self):
+        if self._procs is None and self._use_procs:
+            try:
+                ctx = multiprocessing.get_context("forkserver")
+                ctx.set_forkserver_preload(["bams3.dataset"])
+                self._procs = ProcessPoolExecutor(self.threads, mp_context=ctx)
+            except (OSError, ValueError):  # no process support here: stay on threads
+                self._use_procs = False
+        return self._procs
+
     def submit_encode(self, blocks: list[RecordBatch]):
-        return self._enc.submit(encode_slice, blocks)
+        self._submitted += 1
+        pool = self._process_pool() if self._submitted > self.PROCESS_AFTER_SLICES else None
+        if pool is None:
+            return self._threads.submit(encode_slice, blocks)
+        return pool.submit(encode_slice, [RecordBatch(bytes(b.raw()), b.offsets - b.offsets[0]) for b in blocks])
 
     def submit_upload(self, writer: DatasetWriter, chunk: PlannedChunk):
         return self._up.submit(writer.upload_chunk, chunk)
 
     def shutdown(self, cancel: bool = False) -> None:
-        self._enc.shutdown(wait=True, cancel_futures=cancel)
+        self._threads.shutdown(wait=True, cancel_futures=cancel)
+        if self._procs is not None:
+            self._procs.shutdown(wait=True, cancel_futures=cancel)
         self._up.shutdown(wait=True, cancel_futures=cancel)
 
 
