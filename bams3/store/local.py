@@ -10,6 +10,10 @@ from ..errors import NotFound, PreconditionFailed, StoreError
 from .base import ObjectInfo, Store
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class LocalStore(Store):
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
@@ -77,6 +81,7 @@ class LocalStore(Store):
             fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; datasets are shared files
             if if_none_match:
                 try:
                     os.link(tmp, path)  # atomic create-if-absent
