@@ -1,0 +1,1 @@
+"""bams3 benchmark harness. Run ``python -m bench`` (see bench/README.md)."""
