@@ -281,8 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # `query -h` means "with header" (samtools); keep --help for help
-    args = parser.parse_args(argv)
+    # `query -h` means "with header" (samtools); keep --help for help. Options may come between
+    # regions, as with samtools (`bams3 query DS -c chr1 chr2`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "command", None) == "query" and not any(x.startswith("-") and x != "-" for x in extra):
+            args.regions = list(args.regions) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args, argv)
     except Bams3Error as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import threading
+import time
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +52,17 @@ def _encoder() -> BlockEncoder:
 def encode_block(batch: RecordBatch) -> tuple[EncodedBlock, np.ndarray, np.ndarray]:
     """Encode one planned block; also return its fixed fields and flagstat counts (thread-safe)."""
     fx = batch.fixed()
-    return _encoder().encode(batch), fx, flagstat_counts(fx)
+    try:
+        return _encoder().encode(batch), fx, flagstat_counts(fx)
+    except CodecError as e:
+        raise InputError(f"cannot encode records at {_where(fx)}: {e}") from None
+
+
+def _where(fx) -> str:
+    return f"refid {int(fx['refid'][0])} pos {int(fx['pos'][0]) + 1}" if len(fx) else "?"
+
+
+STALE_SECONDS = 3600.0  # leftovers older than this are removed when a conversion starts
 
 
 def run_prefix(run_id: str) -> str:
@@ -101,10 +112,14 @@ class DatasetWriter:
                 self.previous = Manifest.from_json(data)
             except IndexError_:
                 self.previous = None
-        self.store.cleanup_incomplete()
+        # Leftovers of conversions that died (no manifest points at them). Objects younger than
+        # STALE_SECONDS may belong to a conversion still running on this prefix: keep them.
+        self.store.cleanup_incomplete(older_than=STALE_SECONDS)
         keep = self.previous.run_id if self.previous else None
-        stale = [o.key for o in self.store.list_prefix("data/") if not o.key.startswith(f"data/{keep}/")]
-        stale += [o.key for o in self.store.list_prefix("_tmp/")]
+        cutoff = time.time() - STALE_SECONDS
+        stale = [o.key for o in self.store.list_prefix("data/")
+                 if not o.key.startswith(f"data/{keep}/") and (o.last_modified or 0) < cutoff]
+        stale += [o.key for o in self.store.list_prefix("_tmp/") if (o.last_modified or 0) < cutoff]
         if stale:
             self.store.delete(stale)
         self.prepared = True
@@ -197,7 +212,7 @@ class DatasetWriter:
         old = []
         if self.previous is not None and self.previous.run_id != self.run_id:
             old = [o.key for o in self.store.list_prefix(run_prefix(self.previous.run_id))]
-        old += [o.key for o in self.store.list_prefix("_tmp/")]
+        old += [o.key for o in self.store.list_prefix(f"_tmp/{self.run_id}/")]
         if old:
             self.store.delete(old)
         return manifest
@@ -205,7 +220,7 @@ class DatasetWriter:
     def abort(self) -> None:
         """Remove everything this run wrote (best effort); the committed dataset is untouched."""
         try:
-            self.store.cleanup_incomplete()
+            self.store.cleanup_incomplete(prefix=self.prefix)
             keys = [o.key for o in self.store.list_prefix(self.prefix)]
             keys += [o.key for o in self.store.list_prefix(f"_tmp/{self.run_id}/")]
             self.store.delete(keys)

@@ -71,6 +71,8 @@ class EncodedBlock:
 
 def _zz(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.int64)
+    if len(x) and (x.min() < -(1 << 31) or x.max() > (1 << 31) - 1):
+        raise CodecError("a position/TLEN difference does not fit in 32 bits")
     return ((x << 1) ^ (x >> 63)).astype(np.uint32)
 
 
@@ -365,7 +367,7 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
         names_un, l_dec = decode_names(frames["name"], nun, _dctx())
     except (ValueError, zstandard.ZstdError, struct.error, IndexError) as e:
         raise CodecError(f"corrupt names stream ({e})") from None
-    if len(names_un) != l_name[un].sum() or (l_dec != l_name[un]).any():
+    if len(names_un) != l_name[un].sum() or (l_dec is not None and (l_dec != l_name[un]).any()):
         raise CodecError("stream lengths disagree with the record counts")
     name_starts = np.zeros(n, dtype=np.int64)
     np.cumsum(l_name[:-1], out=name_starts[1:])

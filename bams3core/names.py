@@ -24,8 +24,8 @@ def encode_names(names: np.ndarray, l_name: np.ndarray, cctx: zstandard.ZstdComp
     """``names``: concatenated NUL-terminated names (uint8); ``l_name``: lengths incl. NUL."""
     n = len(l_name)
     plain = b"\x00" + cctx.compress(names.tobytes())
-    if n < 8 or (l_name < 2).any():
-        return plain
+    if n < 8 or (l_name < 2).any() or int(np.count_nonzero(names == 0)) != n:
+        return plain  # (names with extra NULs only round-trip in the plain form)
     starts = np.zeros(n, dtype=np.int64)
     np.cumsum(l_name[:-1], out=starts[1:])
     is_colon = names == _COLON
@@ -65,16 +65,12 @@ def encode_names(names: np.ndarray, l_name: np.ndarray, cctx: zstandard.ZstdComp
     return out if len(out) < len(plain) else plain
 
 
-def decode_names(data: bytes, n: int, dctx: zstandard.ZstdDecompressor) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (names, l_name) for ``n`` names."""
+def decode_names(data: bytes, n: int, dctx: zstandard.ZstdDecompressor):
+    """Returns (names, l_name) for ``n`` names; l_name is None for the plain form."""
     if not data:
         raise ValueError("empty names stream")
-    if data[0] == 0:
-        names = np.frombuffer(dctx.decompress(data[1:]), dtype=np.uint8)
-        ends = np.flatnonzero(names == 0)
-        if len(ends) != n:
-            raise ValueError("name count mismatch")
-        return names, np.diff(np.concatenate([[-1], ends]))
+    if data[0] == 0:  # plain: the caller splits by l_read_name
+        return np.frombuffer(dctx.decompress(data[1:]), dtype=np.uint8), None
     if data[0] != 1:
         raise ValueError("unknown names encoding")
     nf = data[1]

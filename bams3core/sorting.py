@@ -56,55 +56,85 @@ def decode_run_frames(read) -> Iterator[RecordBatch]:
 
 
 def merge_sorted(runs: list[Iterable[RecordBatch]]) -> Iterator[RecordBatch]:
-    """Merge sorted runs (each an iterable of sorted batches) into one sorted stream."""
+    """Merge sorted runs (each an iterable of sorted batches) into one sorted stream.
+
+    Equal keys come out in run order (runs are in input order), so the result is the stable
+    sort of the whole input, as `samtools sort` produces. With T the smallest last key among
+    the runs' buffers, records with key < T are final everywhere; records with key == T are
+    final only once every run whose buffer ends at T is exhausted (else it is extended first).
+    """
     its = [iter(r) for r in runs]
     bufs: list[RecordBatch | None] = [None] * len(its)
     keys: list[np.ndarray | None] = [None] * len(its)
-    cur = [0] * len(its)
+    done = [False] * len(its)
 
-    def refill(i):
+    def load(i):
+        """Append the run's next non-empty batch to what is left of its buffer."""
         while True:
             b = next(its[i], None)
             if b is None:
-                bufs[i] = None
-                keys[i] = None
+                done[i] = True
                 return
             if len(b):
-                bufs[i], keys[i], cur[i] = b, sort_keys(b.fixed()), 0
-                return
+                break
+        k = sort_keys(b.fixed())
+        if bufs[i] is None or len(bufs[i]) == 0:
+            bufs[i], keys[i] = b, k
+        else:
+            bufs[i] = RecordBatch.concat([bufs[i], b])
+            keys[i] = np.concatenate([keys[i], k])
 
-    for i in range(len(its)):
-        refill(i)
-    while True:
-        active = [i for i in range(len(its)) if bufs[i] is not None]
-        if not active:
-            return
-        if len(active) == 1:
-            i = active[0]
-            b = bufs[i]
-            yield b.slice(cur[i], len(b)) if cur[i] else b
-            refill(i)
-            while bufs[i] is not None:
-                yield bufs[i]
-                refill(i)
-            return
-        threshold = min(keys[i][-1] for i in active)
+    def emit(limits):
+        """Take records [0, limit) from each run's buffer, merged stably."""
         pieces, pkeys, prun = [], [], []
-        for i in active:
-            k = keys[i]
-            stop = int(np.searchsorted(k, threshold, side="right"))
-            if stop > cur[i]:
-                pieces.append(bufs[i].slice(cur[i], stop))
-                pkeys.append(k[cur[i]:stop])
-                prun.append(np.full(stop - cur[i], i, dtype=np.int64))
-                cur[i] = stop
-            if cur[i] >= len(bufs[i]):
-                refill(i)
+        for i, stop in limits:
+            if stop > 0:
+                pieces.append(bufs[i].slice(0, stop))
+                pkeys.append(keys[i][:stop])
+                prun.append(np.full(stop, i, dtype=np.int64))
+                rest = bufs[i].slice(stop, len(bufs[i]))
+                bufs[i], keys[i] = RecordBatch(rest.data, rest.offsets), keys[i][stop:]
+        if not pieces:
+            return None
+        if len(pieces) == 1:
+            return pieces[0]
         merged = RecordBatch.concat(pieces)
         allk = np.concatenate(pkeys)
         allr = np.concatenate(prun)
-        order = np.lexsort((np.arange(len(allk)), allr, allk))
-        yield merged.take(order)
+        return merged.take(np.lexsort((np.arange(len(allk)), allr, allk)))
+
+    for i in range(len(its)):
+        load(i)
+    while True:
+        active = [i for i in range(len(its)) if bufs[i] is not None and len(bufs[i])]
+        for i in range(len(its)):
+            if i not in active and not done[i]:
+                load(i)
+        active = [i for i in range(len(its)) if bufs[i] is not None and len(bufs[i])]
+        if not active:
+            return
+        if len(active) == 1 and all(done[j] or j == active[0] for j in range(len(its))):
+            i = active[0]
+            yield bufs[i]
+            bufs[i] = None
+            while not done[i]:
+                load(i)
+                if bufs[i] is not None and len(bufs[i]):
+                    yield bufs[i]
+                    bufs[i] = None
+            continue
+        t = min(int(keys[i][-1]) for i in active)
+        out = emit([(i, int(np.searchsorted(keys[i], t, side="left"))) for i in active])
+        if out is not None and len(out):
+            yield out
+        owners = [i for i in active if int(keys[i][-1]) == t and not done[i]]
+        if owners:
+            for i in owners:
+                load(i)
+            continue
+        out = emit([(i, int(np.searchsorted(keys[i], t, side="right"))) for i in active])
+        if out is not None and len(out):
+            yield out
 
 
 def sorted_header_text(text: str) -> str:

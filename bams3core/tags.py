@@ -97,6 +97,10 @@ def split_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray):
     if not slot_keys:
         return np.zeros(n, dtype=np.int64), [()], {}
     K = np.stack(slot_keys, axis=1)  # n x slots
+    if K.shape[1] > 1:
+        srt = np.sort(K, axis=1)
+        if ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any():
+            raise TagError("a record repeats a tag key")  # columns need unique keys: store raw
     layouts_arr, layout_ids = _unique_rows(K)
     layouts = [tuple(int(k) for k in row if k >= 0) for row in layouts_arr]
     O = np.stack(slot_off, axis=1)

@@ -113,8 +113,9 @@ class Store(abc.ABC):
         self.delete(keys)
         return len(keys)
 
-    def cleanup_incomplete(self) -> int:
-        """Abort/remove anything half-written under this prefix (S3: multipart uploads)."""
+    def cleanup_incomplete(self, prefix: str = "", older_than: float | None = None) -> int:
+        """Abort/remove half-written objects under ``prefix`` (S3: multipart uploads), only
+        those started more than ``older_than`` seconds ago when given."""
         return 0
 
     def close(self) -> None:

@@ -117,11 +117,15 @@ class LocalStore(Store):
                     break
                 d = os.path.dirname(d)
 
-    def cleanup_incomplete(self):
+    def cleanup_incomplete(self, prefix="", older_than=None):
+        import time
+
         n = 0
-        for dirpath, _dirs, files in os.walk(self.root):
+        cutoff = None if older_than is None else time.time() - older_than
+        for dirpath, _dirs, files in os.walk(self._path(prefix) if prefix else self.root):
             for name in files:
-                if name.startswith(".tmp-"):
-                    os.unlink(os.path.join(dirpath, name))
+                path = os.path.join(dirpath, name)
+                if name.startswith(".tmp-") and (cutoff is None or os.path.getmtime(path) < cutoff):
+                    os.unlink(path)
                     n += 1
         return n

@@ -767,14 +767,18 @@ class S3Store(Store):
             self.delete(batch)
         return n
 
-    def cleanup_incomplete(self):
-        full = self.prefix + "/" if self.prefix else ""
+    def cleanup_incomplete(self, prefix: str = "", older_than: float | None = None):
+        base = self.prefix + "/" if self.prefix else ""
+        full = base + prefix
         n = 0
+        cutoff = None if older_than is None else time.time() - older_than
         try:
             pages = self.client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=full)
             uploads = [(u["Key"], u["UploadId"]) for page in pages
-                       for u in page.get("Uploads", ())]
+                       for u in page.get("Uploads", ())
+                       if cutoff is None or u.get("Initiated") is None
+                       or u["Initiated"].timestamp() < cutoff]
         except Exception as e:
             raise self._err(e, full or None, "ListMultipartUploads", full=True) from None
         for k, upload_id in uploads:
