@@ -10,8 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -134,49 +133,31 @@ def encode_slice(blocks: list[RecordBatch]) -> list[tuple]:
 
 
 class ThreadExecutor:
-    """Runs the pipeline's steps locally (the CLI's executor): encoding on ``threads`` worker
-    processes (the per-block numpy work holds the GIL, so threads would not scale), uploads
-    on a thread pool bounded by the upload concurrency.
+    """Runs the pipeline's steps on thread pools (the CLI's executor): encoding on
+    ``threads`` threads (zstd, the quality coder and large numpy operations release the
+    GIL), uploads on a pool bounded by the upload concurrency.
+
+    Worker processes were tried and dropped: they re-import ``__main__`` (breaking unguarded
+    scripts and flows that call :func:`convert`) and cost ~150 MB each.
 
     The Prefect flow supplies another executor whose ``submit_*`` return Prefect futures of
     the ``chunk`` and ``upload`` tasks; anything with ``.result()`` works.
     """
 
-    PROCESS_AFTER_SLICES = 8  # small inputs never pay the worker start-up (~1 s)
-
-    def __init__(self, threads: int, upload_concurrency: int, processes: bool | None = None):
+    def __init__(self, threads: int, upload_concurrency: int):
         self.threads = max(1, threads)
         self.upload_concurrency = max(1, upload_concurrency)
-        self._use_procs = self.threads > 1 if processes is None else processes
-        self._threads = ThreadPoolExecutor(self.threads, thread_name_prefix="encode")
-        self._procs = None
-        self._submitted = 0
+        self._enc = ThreadPoolExecutor(self.threads, thread_name_prefix="encode")
         self._up = ThreadPoolExecutor(self.upload_concurrency, thread_name_prefix="upload")
 
-    def _process_pool(self):
-        if self._procs is None and self._use_procs:
-            try:
-                ctx = multiprocessing.get_context("forkserver")
-                ctx.set_forkserver_preload(["bams3.dataset"])
-                self._procs = ProcessPoolExecutor(self.threads, mp_context=ctx)
-            except (OSError, ValueError):  # no process support here: stay on threads
-                self._use_procs = False
-        return self._procs
-
     def submit_encode(self, blocks: list[RecordBatch]):
-        self._submitted += 1
-        pool = self._process_pool() if self._submitted > self.PROCESS_AFTER_SLICES else None
-        if pool is None:
-            return self._threads.submit(encode_slice, blocks)
-        return pool.submit(encode_slice, [RecordBatch(bytes(b.raw()), b.offsets - b.offsets[0]) for b in blocks])
+        return self._enc.submit(encode_slice, blocks)
 
     def submit_upload(self, writer: DatasetWriter, chunk: PlannedChunk):
         return self._up.submit(writer.upload_chunk, chunk)
 
     def shutdown(self, cancel: bool = False) -> None:
-        self._threads.shutdown(wait=True, cancel_futures=cancel)
-        if self._procs is not None:
-            self._procs.shutdown(wait=True, cancel_futures=cancel)
+        self._enc.shutdown(wait=True, cancel_futures=cancel)
         self._up.shutdown(wait=True, cancel_futures=cancel)
 
 
