@@ -41,6 +41,7 @@ class ConvertOptions:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     overwrite: bool = False
     upload_concurrency: int | None = None  # default: the store's concurrency, else 2 x threads
+    slice_bytes: int = 2 << 20  # raw record bytes per encode step (one Prefect `chunk` task)
     progress: Callable[[dict], None] | None = None
 
 
@@ -161,9 +162,6 @@ class ThreadExecutor:
         self._up.shutdown(wait=True, cancel_futures=cancel)
 
 
-SLICE_BYTES = 2 << 20  # raw record bytes per encode step
-
-
 def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, source: str = "",
                    executor=None, commit=None) -> ConvertResult:
     """Run the conversion. ``executor`` runs encode/upload steps (default: threads);
@@ -236,7 +234,7 @@ def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, s
             for blk in blocks:
                 slice_.append(blk)
                 slice_bytes += len(blk.raw())
-                if slice_bytes >= SLICE_BYTES:
+                if slice_bytes >= opts.slice_bytes:
                     submit_slice()
 
         for batch in stream:

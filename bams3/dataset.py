@@ -97,6 +97,7 @@ class DatasetWriter:
         self.previous: Manifest | None = None
         self.n_records = 0
         self.prepared = False
+        self.committed = False
 
     # -- lifecycle -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -208,17 +209,24 @@ class DatasetWriter:
         )
         self.store.set(MANIFEST_KEY, manifest.to_json(), if_none_match=not self.overwrite,
                        content_type="application/json")
-        # the new run is committed: remove the previous run and any spill leftovers
-        old = []
-        if self.previous is not None and self.previous.run_id != self.run_id:
-            old = [o.key for o in self.store.list_prefix(run_prefix(self.previous.run_id))]
-        old += [o.key for o in self.store.list_prefix(f"_tmp/{self.run_id}/")]
-        if old:
-            self.store.delete(old)
+        self.committed = True  # from here on the run is the dataset: never abort it
+        # remove the previous run and this run's spill leftovers (best effort: a failure here
+        # leaves garbage that the next conversion's prepare() removes, never a broken dataset)
+        try:
+            old = []
+            if self.previous is not None and self.previous.run_id != self.run_id:
+                old = [o.key for o in self.store.list_prefix(run_prefix(self.previous.run_id))]
+            old += [o.key for o in self.store.list_prefix(f"_tmp/{self.run_id}/")]
+            if old:
+                self.store.delete(old)
+        except Exception:  # noqa: BLE001
+            pass
         return manifest
 
     def abort(self) -> None:
         """Remove everything this run wrote (best effort); the committed dataset is untouched."""
+        if self.committed:
+            return
         try:
             self.store.cleanup_incomplete(prefix=self.prefix)
             keys = [o.key for o in self.store.list_prefix(self.prefix)]

@@ -101,19 +101,15 @@ def make_commit(verify_mode: str, window: int):
 
     def commit(writer: DatasetWriter) -> Manifest:
         refs = [writer.chunks[n] for n in sorted(writer.chunks)]
-        done, pending = [], deque()
+        pending: deque = deque()
         for ref in refs:
             pending.append(steps.verify.submit(quote(writer.store), ref, mode=verify_mode))
             while len(pending) >= window:
-                fut = pending.popleft()
-                fut.result()  # raises DatasetError on a corrupt upload: nothing gets committed
-                done.append(fut)
+                pending.popleft().result()  # raises DatasetError on a corrupt upload: no commit
         while pending:
-            fut = pending.popleft()
-            fut.result()
-            done.append(fut)
+            pending.popleft().result()
         get_run_logger().info("verified %d uploaded chunk(s) (%s)", len(refs), verify_mode)
-        return steps.index.submit(quote(writer), wait_for=done).result()
+        return steps.index.submit(quote(writer)).result()  # every chunk verified: commit
 
     return commit
 
