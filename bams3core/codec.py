@@ -308,11 +308,12 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
     s = {name: _decompress(frames[name]) for name in STREAM_NAMES if name not in ("tags", "name", "qual")}
     n = n_records
 
-    def arr(name, dtype):
-        width = np.dtype(dtype).itemsize
-        a = _unshuffle(s[name], width, dtype)
-        if len(a) != n:
-            raise CodecError(f"stream {name!r} holds {len(a)} values for {n} records")
+    def arr(name, dtype, count=None):
+        """The values of a fixed-width stream (one per record, or ``count`` of them)."""
+        count = n if count is None else count
+        a = _unshuffle(s[name], np.dtype(dtype).itemsize, dtype)
+        if len(a) != count:
+            raise CodecError(f"stream {name!r} holds {len(a)} values for {count} records")
         return a
 
     fx = np.zeros(n, dtype=FIXED_DTYPE)
@@ -332,12 +333,8 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
     if (tgt < 0).any() or (link[tgt[~un]] != 0).any():
         raise CodecError("bad mate links")
 
-    def sub(name, dtype):
-        width = np.dtype(dtype).itemsize
-        a = _unshuffle(s[name], width, dtype)
-        if len(a) != nun:
-            raise CodecError(f"stream {name!r} holds {len(a)} values for {nun} records")
-        return a
+    def sub(name, dtype):  # streams holding values only for the records without a mate link
+        return arr(name, dtype, nun)
 
     n_cig = fx["n_cigar_op"].astype(np.int64)
     cigar = _unshuffle(s["cigar"], 4, "<u4")
