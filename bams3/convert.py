@@ -30,6 +30,7 @@ from .inputs import AlignmentInput, open_input
 from .store import Store
 
 DEFAULT_MAX_MEMORY = 768 << 20
+MAX_CHUNKS_IN_FLIGHT = 2  # chunk uploads queued or running at once (each up to chunk_bytes)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class ExternalSorter:
         self.fan_in = max(2, max_memory // (2 * self.frame_bytes))
         self.runs: list[str] = []
         self._cctx = zstandard.ZstdCompressor(level=1)
+        self._dctx = zstandard.ZstdDecompressor()  # shared by all run readers (one merging thread)
         self._n = 0
 
     def _spill(self, batches: Iterator[RecordBatch]) -> str:
@@ -91,7 +93,7 @@ class ExternalSorter:
     def _read_run(self, key: str) -> Iterator[RecordBatch]:
         f = self.store.open_read(key)
         try:
-            yield from decode_run_frames(f.read)
+            yield from decode_run_frames(f.read, self._dctx)
         finally:
             f.close()
 
@@ -217,7 +219,9 @@ def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, s
         def submit_chunk(chunk: PlannedChunk) -> None:
             writer.add_index_rows(chunk)
             pending_up.append((executor.submit_upload(writer, chunk), chunk))
-            drain_uploads(upload_conc)
+            # chunks in flight are what memory holds; parallelism within a chunk comes from
+            # the store (multipart parts on `upload_conc` connections)
+            drain_uploads(MAX_CHUNKS_IN_FLIGHT)
 
         slice_: list[RecordBatch] = []
         slice_bytes = 0

@@ -142,7 +142,7 @@ class DatasetWriter:
 
     def upload_chunk(self, chunk: PlannedChunk) -> ObjectRef:
         """Upload one chunk object (idempotent: same key, same bytes) and index its blocks."""
-        payload = chunk.payload()
+        payload = chunk.payload()  # joined once and kept (a retried upload sends the same bytes)
         key = self.chunk_key(chunk.number)
         info = self.store.set(key, payload, content_type="application/octet-stream")
         ref = ObjectRef(key=key, size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),

@@ -86,13 +86,20 @@ class BlockPlanner:
 class PlannedChunk:
     number: int
     blocks: list[EncodedBlock] = field(default_factory=list)
+    _payload: bytes | None = None
 
     @property
     def size(self) -> int:
-        return sum(len(b.data) for b in self.blocks)
+        return len(self._payload) if self._payload is not None else sum(len(b.data) for b in self.blocks)
 
     def payload(self) -> bytes:
-        return b"".join(b.data for b in self.blocks)
+        """The chunk object's bytes. Joined once; the blocks then drop their copies (so a
+        chunk waiting for upload holds its bytes once), and later calls return the same."""
+        if self._payload is None:
+            self._payload = b"".join(b.data for b in self.blocks)
+            for b in self.blocks:
+                b.data = b""
+        return self._payload
 
 
 class ChunkAssembler:
@@ -128,7 +135,8 @@ def index_entries(chunk: PlannedChunk) -> np.ndarray:
     rows = np.zeros(len(chunk.blocks), dtype=ENTRY_DTYPE)
     off = 0
     for i, b in enumerate(chunk.blocks):
-        rows[i] = (chunk.number, off, len(b.data), b.n_records, b.ref_id, b.first_start, b.last_start,
+        length = sum(b.stream_sizes)  # (b.data may already be released into the payload)
+        rows[i] = (chunk.number, off, length, b.n_records, b.ref_id, b.first_start, b.last_start,
                    b.max_end, b.raw_size, b.crc32, b.stream_sizes)
-        off += len(b.data)
+        off += length
     return rows

@@ -34,9 +34,10 @@ def encode_run_frame(batch: RecordBatch, cctx: zstandard.ZstdCompressor) -> byte
     return _LEN.pack(len(comp)) + comp
 
 
-def decode_run_frames(read) -> Iterator[RecordBatch]:
-    """Frames of a run from a ``read(n)`` callable (a file-like's read)."""
-    dctx = zstandard.ZstdDecompressor()
+def decode_run_frames(read, dctx: zstandard.ZstdDecompressor | None = None) -> Iterator[RecordBatch]:
+    """Frames of a run from a ``read(n)`` callable (a file-like's read). Runs merged by one
+    thread can share ``dctx`` (a context per run would cost memory per run)."""
+    dctx = dctx or zstandard.ZstdDecompressor()
     while True:
         head = read(4)
         if not head:
