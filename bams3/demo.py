@@ -33,6 +33,8 @@ def run_demo(n_pairs: int = 20000, workdir: str | None = None) -> int:
     tmp = workdir or tempfile.mkdtemp(prefix="bams3-demo-")
     os.makedirs(tmp, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the ephemeral API server starts in a subprocess; give a busy 2-core machine time
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_HOME", os.path.join(tmp, "prefect-home"))
     _say(f"working in {tmp}")
     t = time.time()
