@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bams3core.codec import CodecError, decode_block
-from bams3core.query import overlap_mask  # noqa: F401  (documented neighbour)
 from bams3core.bam import cigar_ref_lengths, end_positions, gather
 from bams3core.stats import StatsAccumulator
 
