@@ -22,6 +22,11 @@ from bams3core.bam import BamFormatError, BamHeader, RecordBatch, parse_header, 
 
 from .errors import InputError
 
+try:  # ISA-L's inflate is 2-3x faster than zlib's, and releases the GIL the same way
+    from isal import isal_zlib as _inflate_lib
+except ImportError:  # pragma: no cover - isal has wheels for the usual platforms
+    _inflate_lib = zlib
+
 BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
 _GZ_MAGIC = b"\x1f\x8b"
 
@@ -104,10 +109,10 @@ class BgzfReader:
         cdata = block[12 + xlen:-8]
         crc, isize = struct.unpack_from("<II", block, len(block) - 8)
         try:
-            data = zlib.decompress(cdata, -15)
-        except zlib.error:
+            data = _inflate_lib.decompress(cdata, -15)
+        except _inflate_lib.error:
             raise ValueError("corrupt deflate data") from None
-        if len(data) != isize or zlib.crc32(data) != crc:
+        if len(data) != isize or _inflate_lib.crc32(data) != crc:
             raise ValueError("CRC mismatch")
         return data
 

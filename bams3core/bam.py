@@ -6,7 +6,8 @@ stream) plus their offsets. Keeping the records byte-for-byte as BAM encodes the
 makes bams3 lossless by construction: every field, tag type and tag order, long CIGARs
 (the ``CG`` tag), ``*`` sequence/quality and the ``bin`` field survive untouched.
 
-Field access is vectorised with numpy; nothing here does I/O.
+Field access is vectorised with numpy, and the per-record/per-byte loops are compiled
+(:mod:`bams3core.kernels`); nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import struct
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .kernels import gather_kernel, rows_kernel, scatter_kernel, split_records_kernel
 
 BAM_MAGIC = b"BAM\x01"
 
@@ -115,49 +118,49 @@ def split_records(buf: bytes | memoryview, start: int = 0) -> tuple[np.ndarray, 
     block_size prefix included, is ``buf[offsets[i]:offsets[i+1]]``); ``end`` is where the
     first incomplete record begins.
     """
-    unpack = _I32.unpack_from
-    n = len(buf)
-    p = start
-    offs = [p]
-    append = offs.append
-    while p + 4 <= n:
-        (bs,) = unpack(buf, p)
-        if bs < FIXED_SIZE:
-            raise BamFormatError(f"corrupt BAM record (block_size {bs} at byte {p})")
-        q = p + 4 + bs
-        if q > n:
-            break
-        append(q)
-        p = q
-    return np.asarray(offs, dtype=np.int64), p
+    u8 = np.frombuffer(buf, dtype=np.uint8)
+    offs = np.empty(max(len(u8) - start, 0) // (4 + FIXED_SIZE) + 2, dtype=np.int64)
+    k, end, bad = split_records_kernel(u8, start, FIXED_SIZE, offs)
+    if bad >= 0:
+        (bs,) = _I32.unpack_from(buf, bad)
+        raise BamFormatError(f"corrupt BAM record (block_size {bs} at byte {bad})")
+    return offs[:k].copy(), end
+
+
+def _as_index(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.int64)
 
 
 def gather(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenate ``buf[starts[i]:starts[i]+lens[i]]`` for all i (vectorised)."""
-    lens = lens.astype(np.int64, copy=False)
+    """Concatenate ``buf[starts[i]:starts[i]+lens[i]]`` for all i (IndexError if out of bounds)."""
+    starts, lens = _as_index(starts), _as_index(lens)
+    if len(starts) != len(lens):
+        raise ValueError("gather: starts and lens differ in length")
     total = int(lens.sum())
+    out = np.empty(max(total, 0), dtype=buf.dtype)
     if total == 0:
-        return np.empty(0, dtype=buf.dtype)
-    if total > (1 << 20) and total > 64 * len(lens) and buf.dtype == np.uint8:
-        # long pieces: copying slices is faster and needs no index arrays (which cost 24 bytes
-        # per byte moved and would break the memory bound when sorting large runs)
-        mv = memoryview(buf)
-        return np.frombuffer(b"".join([mv[a:a + n] for a, n in zip(starts.tolist(), lens.tolist())]),
-                             dtype=np.uint8)
-    csum = np.cumsum(lens)
-    shift = np.repeat(starts.astype(np.int64) - (csum - lens), lens)
-    return buf[np.arange(total, dtype=np.int64) + shift]
+        return out
+    if buf.ndim != 1 or not buf.flags.c_contiguous:
+        buf = np.ascontiguousarray(buf).reshape(-1)
+    bad = gather_kernel(buf, starts, lens, out)
+    if bad >= 0:
+        raise IndexError(f"gather: piece {bad} lies outside the buffer")
+    return out
 
 
 def scatter(out: np.ndarray, starts: np.ndarray, lens: np.ndarray, values: np.ndarray) -> None:
     """Inverse of :func:`gather`: write consecutive pieces of ``values`` at ``starts``."""
-    lens = lens.astype(np.int64, copy=False)
-    total = int(lens.sum())
-    if total == 0:
+    starts, lens = _as_index(starts), _as_index(lens)
+    if len(starts) != len(lens):
+        raise ValueError("scatter: starts and lens differ in length")
+    if len(starts) == 0:
         return
-    csum = np.cumsum(lens)
-    shift = np.repeat(starts.astype(np.int64) - (csum - lens), lens)
-    out[np.arange(total, dtype=np.int64) + shift] = values
+    values = np.ascontiguousarray(values, dtype=out.dtype).reshape(-1)
+    if int(lens.sum()) != len(values):
+        raise ValueError("scatter: values do not match the piece lengths")
+    bad = scatter_kernel(out, starts, lens, values)
+    if bad >= 0:
+        raise IndexError(f"scatter: piece {bad} lies outside the buffer")
 
 
 @dataclass
@@ -213,10 +216,9 @@ class RecordBatch:
         if n == 0:
             return np.zeros(0, dtype=FIXED_DTYPE)
         u8 = np.frombuffer(self.data, dtype=np.uint8)
-        base = self.offsets[:-1] + 4
         out = np.empty((n, FIXED_SIZE), dtype=np.uint8)
-        for k in range(FIXED_SIZE):  # 32 column copies: no n x 32 int64 index array
-            out[:, k] = u8[base + k]
+        if rows_kernel(u8, _as_index(self.offsets[:-1] + 4), FIXED_SIZE, out) >= 0:
+            raise IndexError("a record's fixed fields lie outside the batch")
         return out.reshape(-1).view(FIXED_DTYPE)
 
 

@@ -23,16 +23,28 @@ _POW10 = 10 ** np.arange(10, dtype=np.int64)
 def encode_names(names: np.ndarray, l_name: np.ndarray, cctx: zstandard.ZstdCompressor) -> bytes:
     """``names``: concatenated NUL-terminated names (uint8); ``l_name``: lengths incl. NUL."""
     n = len(l_name)
+    tok = _tokenised(names, l_name, cctx)
+    if tok is not None and len(tok) * _SURE_WIN < len(names):
+        return tok  # plain zstd does not come near this: skip computing it
     plain = b"\x00" + cctx.compress(names.tobytes())
+    return tok if tok is not None and len(tok) < len(plain) else plain
+
+
+_SURE_WIN = 6  # a tokenised form under 1/6 of the raw names is kept without trying plain zstd
+
+
+def _tokenised(names: np.ndarray, l_name: np.ndarray, cctx: zstandard.ZstdCompressor) -> bytes | None:
+    """Method 1 (without the comparison against method 0), or None if the names don't fit it."""
+    n = len(l_name)
     if n < 8 or (l_name < 2).any() or int(np.count_nonzero(names == 0)) != n:
-        return plain  # (names with extra NULs only round-trip in the plain form)
+        return None  # (names with extra NULs only round-trip in the plain form)
     starts = np.zeros(n, dtype=np.int64)
     np.cumsum(l_name[:-1], out=starts[1:])
     is_colon = names == _COLON
     counts = np.add.reduceat(is_colon.astype(np.int64), starts)
     k = int(counts[0])
     if k == 0 or k > 30 or (counts != k).any():
-        return plain
+        return None
     colons = np.flatnonzero(is_colon).reshape(n, k)
     fstart = np.concatenate([starts[:, None], colons + 1], axis=1)
     fend = np.concatenate([colons, (starts + l_name - 1)[:, None]], axis=1)  # exclusive (':' or NUL)
@@ -61,8 +73,7 @@ def encode_names(names: np.ndarray, l_name: np.ndarray, cctx: zstandard.ZstdComp
             kind = 0
         parts.append(struct.pack("<BI", kind, len(payload)))
         payloads.append(payload)
-    out = b"".join(parts) + b"".join(payloads)
-    return out if len(out) < len(plain) else plain
+    return b"".join(parts) + b"".join(payloads)
 
 
 def decode_names(data: bytes, n: int, dctx: zstandard.ZstdDecompressor):

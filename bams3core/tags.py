@@ -25,6 +25,8 @@ import numpy as np
 import zstandard
 
 from .bam import gather, scatter
+from .kernels import (TAG_B_SUBTYPE, TAG_B_TRUNCATED, TAG_OK, TAG_OVERRUN, TAG_SLOTS, TAG_TRUNCATED,
+                      TAG_UNKNOWN_TYPE, TAG_UNTERMINATED, parse_tags_kernel)
 
 _FIXED = {ord("A"): 1, ord("c"): 1, ord("C"): 1, ord("s"): 2, ord("S"): 2, ord("i"): 4, ord("I"): 4, ord("f"): 4}
 _BSIZE = {ord("c"): 1, ord("C"): 1, ord("s"): 2, ord("S"): 2, ord("i"): 4, ord("I"): 4, ord("f"): 4}
@@ -40,6 +42,11 @@ class TagError(ValueError):
     pass
 
 
+_PARSE_ERRORS = {TAG_TRUNCATED: "truncated tag", TAG_UNTERMINATED: "unterminated string tag",
+                 TAG_B_TRUNCATED: "truncated B array", TAG_B_SUBTYPE: "bad B array subtype",
+                 TAG_UNKNOWN_TYPE: "unknown tag type", TAG_OVERRUN: "tag value overruns the record"}
+
+
 def split_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray):
     """Parse tag areas ``buf[starts[i]:starts[i]+lens[i]]``.
 
@@ -48,63 +55,28 @@ def split_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray):
     Raises TagError on malformed tags.
     """
     n = len(starts)
-    ends = starts + lens
-    p = starts.copy()
-    zeros = np.flatnonzero(buf == 0)
-    slot_keys = []   # per slot: int key (k0<<16|k1<<8|type) or -1
-    slot_off = []    # per slot: value start
-    slot_len = []
-    active = p < ends
-    while active.any():
-        ia = np.flatnonzero(active)
-        pa = p[ia]
-        if (pa + 3 > ends[ia]).any():
-            raise TagError("truncated tag")
-        t = buf[pa + 2].astype(np.int64)
-        size = _SIZE_LUT[t].copy()
-        isz = (t == ord("Z")) | (t == ord("H"))
-        if isz.any():
-            vs = pa[isz] + 3
-            k = np.searchsorted(zeros, vs)
-            if (k >= len(zeros)).any():
-                raise TagError("unterminated string tag")
-            size[isz] = zeros[k] - vs + 1
-        isb = t == ord("B")
-        if isb.any():
-            vs = pa[isb] + 3
-            if (vs + 5 > ends[ia][isb]).any():
-                raise TagError("truncated B array")
-            sub = buf[vs].astype(np.int64)
-            esz = _BSIZE_LUT[sub]
-            if (esz == 0).any():
-                raise TagError("bad B array subtype")
-            cnt = gather(buf, vs + 1, np.full(len(vs), 4)).view("<u4").astype(np.int64)
-            size[isb] = 5 + cnt * esz
-        if ((size == 0) & ~isz).any():
-            raise TagError("unknown tag type")
-        key = (buf[pa].astype(np.int64) << 16) | (buf[pa + 1].astype(np.int64) << 8) | t
-        nk = np.full(n, -1, dtype=np.int64)
-        no = np.zeros(n, dtype=np.int64)
-        nl = np.zeros(n, dtype=np.int64)
-        nk[ia], no[ia], nl[ia] = key, pa + 3, size
-        slot_keys.append(nk)
-        slot_off.append(no)
-        slot_len.append(nl)
-        p[ia] = pa + 3 + size
-        if (p[ia] > ends[ia]).any():
-            raise TagError("tag value overruns the record")
-        active = p < ends
-    if not slot_keys:
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    lens = np.ascontiguousarray(lens, dtype=np.int64)
+    slots = 16
+    while True:
+        K = np.empty((n, slots), dtype=np.int64)
+        O = np.empty((n, slots), dtype=np.int64)
+        L = np.empty((n, slots), dtype=np.int64)
+        status, used, rec = parse_tags_kernel(buf, starts, lens, _SIZE_LUT, _BSIZE_LUT, K, O, L)
+        if status != TAG_SLOTS:
+            break
+        slots *= 4
+    if status != TAG_OK:
+        raise TagError(f"{_PARSE_ERRORS.get(status, 'malformed tags')} (record {rec} of the block)")
+    if used == 0:
         return np.zeros(n, dtype=np.int64), [()], {}
-    K = np.stack(slot_keys, axis=1)  # n x slots
+    K, O, L = K[:, :used], O[:, :used], L[:, :used]
     if K.shape[1] > 1:
         srt = np.sort(K, axis=1)
         if ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any():
             raise TagError("a record repeats a tag key")  # columns need unique keys: store raw
     layouts_arr, layout_ids = _unique_rows(K)
     layouts = [tuple(int(k) for k in row if k >= 0) for row in layouts_arr]
-    O = np.stack(slot_off, axis=1)
-    L = np.stack(slot_len, axis=1)
     columns: dict[int, tuple[list, list, list]] = {}
     for s in range(K.shape[1]):
         ks = K[:, s]

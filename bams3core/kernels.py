@@ -1,0 +1,152 @@
+"""Compiled byte-moving kernels behind :mod:`bams3core.bam` (numba, ``nogil``).
+
+Splitting a buffer into records, pulling the fixed fields out of every record and
+gathering/scattering variable-length pieces run once per record or per byte; in numpy they
+need index arrays and hold the GIL, here they are plain loops that release it, so encoder
+threads scale. Every kernel checks its bounds and reports a violation to its Python wrapper
+(which raises), so corrupt input gives an exception, never an out-of-bounds access.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def split_records_kernel(buf, start, min_size, offs):
+    """Record boundaries in ``buf[start:]`` -> (n offsets written, end, bad position or -1)."""
+    n = buf.shape[0]
+    p = start
+    k = 0
+    offs[k] = p
+    k += 1
+    while p + 4 <= n:
+        bs = np.int64(buf[p]) | (np.int64(buf[p + 1]) << 8) | (np.int64(buf[p + 2]) << 16) | (np.int64(buf[p + 3]) << 24)
+        if bs >= 1 << 31:
+            bs -= 1 << 32
+        if bs < min_size:
+            return k, p, p
+        q = p + 4 + bs
+        if q > n:
+            break
+        offs[k] = q
+        k += 1
+        p = q
+    return k, p, -1
+
+
+@njit(cache=True, nogil=True)
+def gather_kernel(buf, starts, lens, out):
+    """out = concat(buf[starts[i]:starts[i]+lens[i]]); returns the first bad piece or -1."""
+    nb = buf.shape[0]
+    o = 0
+    for i in range(starts.shape[0]):
+        a = starts[i]
+        m = lens[i]
+        if a < 0 or m < 0 or a + m > nb:
+            return i
+        for j in range(m):
+            out[o + j] = buf[a + j]
+        o += m
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def scatter_kernel(out, starts, lens, values):
+    """out[starts[i]:starts[i]+lens[i]] = consecutive pieces of values; first bad piece or -1."""
+    no = out.shape[0]
+    nv = values.shape[0]
+    v = 0
+    for i in range(starts.shape[0]):
+        a = starts[i]
+        m = lens[i]
+        if a < 0 or m < 0 or a + m > no or v + m > nv:
+            return i
+        for j in range(m):
+            out[a + j] = values[v + j]
+        v += m
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def rows_kernel(buf, starts, width, out):
+    """out[i, :] = buf[starts[i]:starts[i]+width] (fixed-width rows); first bad row or -1."""
+    nb = buf.shape[0]
+    for i in range(starts.shape[0]):
+        a = starts[i]
+        if a < 0 or a + width > nb:
+            return i
+        for j in range(width):
+            out[i, j] = buf[a + j]
+    return -1
+
+
+# BAM tag value sizes by type byte (0: variable or unknown)
+_TAG_SIZE = np.zeros(256, np.int64)
+for _t, _s in zip(b"AcCsSiIf", (1, 1, 1, 2, 2, 4, 4, 4)):
+    _TAG_SIZE[_t] = _s
+_B_SIZE = np.zeros(256, np.int64)
+for _t, _s in zip(b"cCsSiIf", (1, 1, 2, 2, 4, 4, 4)):
+    _B_SIZE[_t] = _s
+
+TAG_OK, TAG_TRUNCATED, TAG_UNTERMINATED, TAG_B_TRUNCATED, TAG_B_SUBTYPE, TAG_UNKNOWN_TYPE, TAG_OVERRUN, \
+    TAG_SLOTS = range(8)
+
+
+@njit(cache=True, nogil=True)
+def parse_tags_kernel(buf, starts, lens, size_lut, bsize_lut, keys, offs, sizes):
+    """Parse tag areas ``buf[starts[i]:starts[i]+lens[i]]`` into per-slot arrays.
+
+    ``keys[i, s]`` = key0 << 16 | key1 << 8 | type of record i's s-th tag (-1 past its last),
+    ``offs``/``sizes`` = where its value starts and how long it is. Returns (status, slots
+    used, record): status TAG_OK, TAG_SLOTS if a record has more tags than ``keys`` has
+    columns, or the kind of malformation.
+    """
+    nslots = keys.shape[1]
+    used = 0
+    for i in range(starts.shape[0]):
+        p = starts[i]
+        end = p + lens[i]
+        s = 0
+        while p < end:
+            if s >= nslots:
+                return TAG_SLOTS, used, i
+            if p + 3 > end:
+                return TAG_TRUNCATED, used, i
+            t = np.int64(buf[p + 2])
+            v = p + 3
+            size = size_lut[t]
+            if size == 0:
+                if t == 90 or t == 72:  # 'Z', 'H': NUL-terminated
+                    q = v
+                    while q < end and buf[q] != 0:
+                        q += 1
+                    if q >= end:
+                        return TAG_UNTERMINATED, used, i
+                    size = q - v + 1
+                elif t == 66:  # 'B': subtype, u32 count, values
+                    if v + 5 > end:
+                        return TAG_B_TRUNCATED, used, i
+                    esz = bsize_lut[np.int64(buf[v])]
+                    if esz == 0:
+                        return TAG_B_SUBTYPE, used, i
+                    cnt = np.int64(buf[v + 1]) | (np.int64(buf[v + 2]) << 8) | (np.int64(buf[v + 3]) << 16) \
+                        | (np.int64(buf[v + 4]) << 24)
+                    size = 5 + cnt * esz
+                else:
+                    return TAG_UNKNOWN_TYPE, used, i
+            if v + size > end:
+                return TAG_OVERRUN, used, i
+            keys[i, s] = (np.int64(buf[p]) << 16) | (np.int64(buf[p + 1]) << 8) | t
+            offs[i, s] = v
+            sizes[i, s] = size
+            s += 1
+            p = v + size
+        for r in range(s, nslots):
+            keys[i, r] = -1
+            offs[i, r] = 0
+            sizes[i, r] = 0
+        if s > used:
+            used = s
+    return TAG_OK, used, -1
