@@ -30,7 +30,7 @@ def encode_names(names: np.ndarray, l_name: np.ndarray, cctx: zstandard.ZstdComp
     return tok if tok is not None and len(tok) < len(plain) else plain
 
 
-_SURE_WIN = 6  # a tokenised form under 1/6 of the raw names is kept without trying plain zstd
+_SURE_WIN = 4  # a tokenised form under 1/4 of the raw names is kept without trying plain zstd
 
 
 def _tokenised(names: np.ndarray, l_name: np.ndarray, cctx: zstandard.ZstdCompressor) -> bytes | None:
