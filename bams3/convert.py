@@ -18,7 +18,7 @@ from bams3core.bam import RecordBatch
 from bams3core.index import Manifest
 from bams3core.planner import (DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK_BYTES, BlockPlanner, ChunkAssembler, OrderError,
                                PlannedChunk)
-from bams3core.sorting import (decode_run_frames, encode_run_frame, header_sort_order, merge_sorted, sort_batch,
+from bams3core.sorting import (decode_run_frames, encode_run_frames, header_sort_order, merge_sorted, sort_batch,
                                sorted_header_text)
 
 import numpy as np
@@ -57,6 +57,9 @@ class ConvertResult:
 
 
 # -- sorting ----------------------------------------------------------------------------
+SPILL_THREADS = 2  # zstd threads compressing a run's frames (the encoders are idle while runs are cut)
+
+
 class ExternalSorter:
     """Sorts a record stream like `samtools sort`, spilling sorted runs to the store."""
 
@@ -81,14 +84,14 @@ class ExternalSorter:
         return key
 
     def _frames(self, batch: RecordBatch) -> list[bytes]:
-        out, start, n = [], 0, len(batch)
+        pieces, start, n = [], 0, len(batch)
         offs = batch.offsets
         while start < n:
             stop = int(np.searchsorted(offs, offs[start] + self.frame_bytes, side="right")) - 1
             stop = max(start + 1, min(stop, n))
-            out.append(encode_run_frame(batch.slice(start, stop), self._cctx))
+            pieces.append(batch.slice(start, stop))
             start = stop
-        return out
+        return [encode_run_frames(pieces, self._cctx, threads=SPILL_THREADS)]
 
     def _read_run(self, key: str) -> Iterator[RecordBatch]:
         f = self.store.open_read(key)

@@ -34,6 +34,19 @@ def encode_run_frame(batch: RecordBatch, cctx: zstandard.ZstdCompressor) -> byte
     return _LEN.pack(len(comp)) + comp
 
 
+def encode_run_frames(batches: list[RecordBatch], cctx: zstandard.ZstdCompressor, threads: int = 1) -> bytes:
+    """:func:`encode_run_frame` of each batch, concatenated; compressed on ``threads`` threads."""
+    if threads <= 1 or len(batches) < 2:
+        return b"".join(encode_run_frame(b, cctx) for b in batches)
+    comp = cctx.multi_compress_to_buffer([bytes(b.raw()) for b in batches], threads=threads)
+    out = []
+    for i in range(len(comp)):
+        seg = comp[i].tobytes()
+        out.append(_LEN.pack(len(seg)))
+        out.append(seg)
+    return b"".join(out)
+
+
 def decode_run_frames(read, dctx: zstandard.ZstdDecompressor | None = None) -> Iterator[RecordBatch]:
     """Frames of a run from a ``read(n)`` callable (a file-like's read). Runs merged by one
     thread can share ``dctx`` (a context per run would cost memory per run)."""
