@@ -28,8 +28,8 @@ import numpy as np
 
 from bams3core.bam import FLAG_UNMAP, BamHeader, RecordBatch, Reference
 from bams3core.codec import BlockEncoder, CodecError, EncodedBlock, decode_block
-from bams3core.index import (ENTRY_DTYPE, HEADER_KEY, MANIFEST_KEY, IndexError_, Manifest, ObjectRef,
-                             decode_index, encode_index)
+from bams3core.index import (ENTRY_DTYPE, HEADER_KEY, MANIFEST_KEY, IndexError_, IndexPage, Manifest, ObjectRef,
+                             decode_index, encode_index_pages, select_pages)
 from bams3core.planner import PlannedChunk, index_entries
 from bams3core.query import RangeRead, overlap_mask, plan_reads, select_blocks
 from bams3core.regions import Region, RegionError, parse_region
@@ -174,10 +174,11 @@ class DatasetWriter:
         ref_id = self._rows_ref
         name = "unplaced" if ref_id < 0 else str(ref_id)
         key = f"{self.prefix}index/{name}.b3i"
-        data = encode_index(rows)
+        data, pages = encode_index_pages(rows)
         self.store.set(key, data)
         self.index.append(ObjectRef(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                                    n_blocks=len(rows), n_records=int(rows["n_records"].sum()), ref_id=ref_id))
+                                    n_blocks=len(rows), n_records=int(rows["n_records"].sum()), ref_id=ref_id,
+                                    pages=[p.to_list() for p in pages]))
         self._rows = []
         self._rows_ref = None
 
@@ -255,6 +256,7 @@ class Dataset:
         self.manifest = manifest
         self.threads = max(1, threads)
         self._index: dict[int, np.ndarray] = {}
+        self._page_rows: dict[tuple[int, int], np.ndarray] = {}
         self.qstats = QueryStats()
         self.header = BamHeader(text="", references=[Reference(r["name"], r["length"]) for r in manifest.references])
         self._header_loaded = False
@@ -287,20 +289,81 @@ class Dataset:
         self.header_text()
         return self.header
 
+    def _pages(self, ref: ObjectRef) -> list[IndexPage] | None:
+        try:
+            pages = ref.index_pages()
+        except IndexError_ as e:
+            raise DatasetError(f"{self.store.uri}/{MANIFEST_KEY}: {e}") from None
+        if pages is not None and (sum(p.length for p in pages) != ref.size or
+                                  sum(p.n_entries for p in pages) != ref.n_blocks):
+            raise DatasetError(f"{self.store.uri}/{MANIFEST_KEY}: the page directory of {ref.key} "
+                               "does not add up")
+        return pages
+
+    def _decode_pages(self, ref: ObjectRef, pages: list[IndexPage], which: list[int], data: bytes,
+                      base: int, check_crc: bool) -> None:
+        """Decode pages ``which`` from ``data`` (which starts at byte ``base`` of the object)."""
+        for i in which:
+            p = pages[i]
+            frame = data[p.offset - base:p.offset - base + p.length]
+            if check_crc and (len(frame) != p.length or zlib.crc32(frame) != p.crc32):
+                raise DatasetError(f"{self.store.uri}/{ref.key}: checksum mismatch (corrupt index page {i})")
+            try:
+                rows = decode_index(frame)
+            except IndexError_ as e:
+                raise DatasetError(f"{self.store.uri}/{ref.key}: {e}") from None
+            if len(rows) != p.n_entries:
+                raise DatasetError(f"{self.store.uri}/{ref.key}: index page {i} holds {len(rows)} entries, "
+                                   f"the manifest says {p.n_entries}")
+            self._page_rows[(ref.ref_id, i)] = rows
+
     def index(self, ref_id: int) -> np.ndarray:
+        """Every index row of a reference (the whole index object, one GET)."""
         if ref_id not in self._index:
             ref = self.manifest.index_for(ref_id)
             if ref is None:
                 self._index[ref_id] = np.zeros(0, dtype=ENTRY_DTYPE)
-            else:
-                data, _ = self.store.get_small(ref.key, max_age=float("inf"))
-                if hashlib.sha256(data).hexdigest() != ref.sha256:
-                    raise DatasetError(f"{self.store.uri}/{ref.key}: checksum mismatch (corrupt index)")
+                return self._index[ref_id]
+            pages = self._pages(ref)
+            data, _ = self.store.get_small(ref.key, max_age=float("inf"))
+            if hashlib.sha256(data).hexdigest() != ref.sha256:
+                raise DatasetError(f"{self.store.uri}/{ref.key}: checksum mismatch (corrupt index)")
+            if pages is None:  # a single frame (datasets written before index paging)
                 try:
                     self._index[ref_id] = decode_index(data)
                 except IndexError_ as e:
                     raise DatasetError(f"{self.store.uri}/{ref.key}: {e}") from None
+            else:
+                self._decode_pages(ref, pages, list(range(len(pages))), data, 0, check_crc=True)
+                parts = [self._page_rows[(ref_id, i)] for i in range(len(pages))]
+                self._index[ref_id] = np.concatenate(parts) if parts else np.zeros(0, dtype=ENTRY_DTYPE)
         return self._index[ref_id]
+
+    def region_rows(self, region: Region) -> np.ndarray:
+        """Index rows that may overlap ``region``: only the index pages it needs (one ranged GET)."""
+        ref_id = region.ref_id
+        ref = self.manifest.index_for(ref_id)
+        if ref is None:
+            return np.zeros(0, dtype=ENTRY_DTYPE)
+        pages = self._pages(ref)
+        if ref_id in self._index or pages is None or ref_id < 0 or len(pages) <= 1:
+            rows = self.index(ref_id)
+        else:
+            which = select_pages(pages, region.beg, region.end)
+            missing = [i for i in which if (ref_id, i) not in self._page_rows]
+            if missing:
+                a, b = pages[missing[0]], pages[missing[-1]]
+                span = (a.offset, b.offset + b.length)
+                data = self.store.get_small_range(ref.key, span)
+                try:
+                    self._decode_pages(ref, pages, missing, data, span[0], check_crc=True)
+                except DatasetError:
+                    self.store.invalidate_range(ref.key, span)  # a stale or damaged cached copy: once more
+                    data = self.store.get_small_range(ref.key, span)
+                    self._decode_pages(ref, pages, missing, data, span[0], check_crc=True)
+            parts = [self._page_rows[(ref_id, i)] for i in which]
+            rows = np.concatenate(parts) if parts else np.zeros(0, dtype=ENTRY_DTYPE)
+        return rows[select_blocks(rows, region)]
 
     def parse_region(self, text: str) -> Region:
         try:
@@ -396,9 +459,7 @@ class Dataset:
                 yield b
             return
         for region in regions:
-            rows = self.index(region.ref_id)
-            sel = rows[select_blocks(rows, region)]
-            for b in self.iter_blocks(sel):
+            for b in self.iter_blocks(self.region_rows(region)):
                 if region.ref_id < 0:
                     self.qstats.records_out += len(b)
                     yield b

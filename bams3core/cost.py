@@ -199,7 +199,8 @@ def region_query_io(block_lengths: Sequence[int], *, manifest_bytes: int, index_
 
     A region that small overlaps ``blocks`` block(s) (usually one): one ranged GET of the
     median block. ``warm``: manifest and index are in the local metadata cache;
-    ``cold``: they are fetched first (the manifest and one index object of median size).
+    ``cold``: they are fetched first (the manifest, and one index page of median size:
+    ``index_bytes`` lists the page sizes, or the object sizes of unpaged indexes).
     """
     med_block = int(statistics.median(block_lengths)) if len(block_lengths) else 0
     med_index = int(statistics.median(index_bytes)) if len(index_bytes) else 0

@@ -1,8 +1,10 @@
 """Region index and manifest: plain data, serialised to bytes (no I/O here).
 
 * The **index** is one object per reference (``index/<ref_id>.b3i``; ``index/unplaced.b3i``
-  for records with no reference). It is a zstd frame holding a small fixed header and the
-  :data:`ENTRY_DTYPE` rows (one per block, in file order) stored column by column.
+  for records with no reference): one or more *pages*, each a zstd frame holding a small
+  fixed header and consecutive :data:`ENTRY_DTYPE` rows (one per block, in file order)
+  stored column by column. The manifest lists each page's byte range and position bounds, so
+  a region query reads only the pages that can overlap it (one ranged GET).
 * The **manifest** (``manifest.json``) is the commit point of a dataset: references, stats,
   chunk and index object lists with sizes and checksums.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -67,6 +70,57 @@ def encode_index(entries: np.ndarray) -> bytes:
     return zstandard.ZstdCompressor(level=19).compress(head + b"".join(cols))
 
 
+# Writer policy: pages of at least MIN_PAGE_ENTRIES blocks, at most MAX_PAGES per reference
+# (a 30x human chr1 has ~90k blocks: 32 pages of ~2,800 blocks, ~75 KB each, instead of one
+# 2.4 MB object per query; the manifest grows by ~60 bytes per page).
+MIN_PAGE_ENTRIES = 64
+MAX_PAGES = 32
+
+
+@dataclass
+class IndexPage:
+    offset: int       # byte range of the page's frame inside the index object
+    length: int
+    n_entries: int
+    first_start: int  # first_start of the page's first entry
+    max_end: int      # largest max_end of its entries
+    crc32: int        # CRC-32 of the page's bytes
+
+    def to_list(self) -> list[int]:
+        return [self.offset, self.length, self.n_entries, self.first_start, self.max_end, self.crc32]
+
+    @classmethod
+    def from_list(cls, v) -> "IndexPage":
+        if not isinstance(v, (list, tuple)) or len(v) != 6 or not all(isinstance(x, int) for x in v):
+            raise IndexError_(f"malformed index page entry {v!r}")
+        return cls(*v)
+
+
+def page_entries(n: int) -> int:
+    """Entries per page for a reference with ``n`` blocks (writer policy)."""
+    return max(MIN_PAGE_ENTRIES, -(-n // MAX_PAGES))
+
+
+def encode_index_pages(entries: np.ndarray, per_page: int | None = None) -> tuple[bytes, list[IndexPage]]:
+    """An index object of consecutive pages, and its page directory."""
+    per_page = per_page or page_entries(len(entries))
+    parts, pages, off = [], [], 0
+    for a in range(0, max(len(entries), 1), per_page):
+        rows = entries[a:a + per_page]
+        frame = encode_index(rows)
+        pages.append(IndexPage(off, len(frame), len(rows),
+                               int(rows["first_start"][0]) if len(rows) else 0,
+                               int(rows["max_end"].max()) if len(rows) else 0, zlib.crc32(frame)))
+        parts.append(frame)
+        off += len(frame)
+    return b"".join(parts), pages
+
+
+def select_pages(pages: list[IndexPage], beg: int, end: int) -> list[int]:
+    """Pages that can hold blocks overlapping [beg, end) (same rule as blocks, §5.2)."""
+    return [i for i, p in enumerate(pages) if p.first_start < end and p.max_end > beg]
+
+
 def decode_index(data: bytes) -> np.ndarray:
     try:
         raw = zstandard.ZstdDecompressor().decompress(data)
@@ -105,6 +159,11 @@ class ObjectRef:
     n_blocks: int = 0
     n_records: int = 0
     ref_id: int | None = None  # index objects only
+    pages: list | None = None  # index objects: [[offset, length, n_entries, first_start, max_end, crc32], ...]
+
+    def index_pages(self) -> list[IndexPage] | None:
+        """The page directory (None: the object is a single page, as written before paging)."""
+        return None if self.pages is None else [IndexPage.from_list(v) for v in self.pages]
 
 
 @dataclass
@@ -129,7 +188,21 @@ class Manifest:
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=1, sort_keys=False) + "\n").encode()
+        d = asdict(self)
+        for ref in [d["header"], *d["chunks"], *d["index"]]:
+            if ref.get("pages") is None:
+                ref.pop("pages", None)  # only index objects have a page directory
+        # page directories one line per page (indent=1 would spend a line per number)
+        compact = {}
+        for i, ix in enumerate(d["index"]):
+            if ix.get("pages") is not None:
+                token = f"@@pages{i}@@"
+                compact[f'"{token}"'] = "[" + ", ".join(json.dumps(p) for p in ix["pages"]) + "]"
+                ix["pages"] = token
+        text = json.dumps(d, indent=1, sort_keys=False)
+        for token, value in compact.items():
+            text = text.replace(token, value, 1)
+        return (text + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "Manifest":

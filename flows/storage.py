@@ -47,7 +47,7 @@ def dataset_costs(prefix: str, objects: list[tuple[str, int, str]], prof: dict, 
     meta_class = "STANDARD"
 
     rq = cost.region_query_io(prof["block_lengths"], manifest_bytes=prof["manifest_bytes"],
-                              index_bytes=prof["index_bytes"])
+                              index_bytes=prof["index_page_bytes"])
     warm = cost.read_cost(rq["warm"]["requests"], rq["warm"]["bytes"], chunk_class, egress=egress, prices=prices)
     meta_req = rq["cold"]["requests"] - rq["warm"]["requests"]
     meta_bytes = rq["cold"]["bytes"] - rq["warm"]["bytes"]

@@ -94,6 +94,8 @@ def profile(store: Store) -> dict:
         "manifest_bytes": manifest_bytes,
         "header_bytes": m.header.size,
         "index_bytes": [ix.size for ix in m.index],
+        # what a small region query reads of an index: one page (the whole object if unpaged)
+        "index_page_bytes": [p[1] for ix in m.index for p in (ix.pages or [[0, ix.size]])],
         "whole_read_sizes": [rr.size for rr in reads],
     }
 

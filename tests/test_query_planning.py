@@ -1,8 +1,10 @@
 """Query planning (pure): which blocks a region needs, and how they coalesce into ranged reads."""
 
+import zlib
+
 import numpy as np
 
-from bams3core.index import ENTRY_DTYPE, decode_index, encode_index
+from bams3core.index import ENTRY_DTYPE, decode_index, encode_index, encode_index_pages, page_entries, select_pages
 from bams3core.query import plan_reads, select_blocks
 from bams3core.regions import Region
 
@@ -54,3 +56,49 @@ def test_index_roundtrip():
         rows[name] = rng.integers(max(info.min, -2**40), min(info.max, 2**40), size=shape)
     back = decode_index(encode_index(rows))
     assert back.tobytes() == rows.tobytes()
+
+
+def test_index_pages_roundtrip_and_selection():
+    n = 300
+    rows = np.zeros(n, dtype=ENTRY_DTYPE)
+    rows["ref_id"] = 0
+    rows["first_start"] = np.arange(n) * 1000
+    rows["last_start"] = rows["first_start"] + 900
+    rows["max_end"] = rows["last_start"] + 150
+    rows["max_end"][5] = 250_000  # a long (spliced) read early on: its page must be selected late
+    rows["length"] = 100
+    rows["offset"] = np.arange(n) * 100
+    rows["n_records"] = 7
+    data, pages = encode_index_pages(rows, per_page=64)
+    assert [p.n_entries for p in pages] == [64, 64, 64, 64, 44]
+    assert sum(p.length for p in pages) == len(data) and pages[0].offset == 0
+    back = []
+    for p in pages:
+        frame = data[p.offset:p.offset + p.length]
+        assert zlib.crc32(frame) == p.crc32
+        back.append(decode_index(frame))  # every page decodes on its own
+    assert np.concatenate(back).tobytes() == rows.tobytes()
+    assert [p.first_start for p in pages] == [0, 64000, 128000, 192000, 256000]
+    assert pages[0].max_end == 250_000
+    # [200000, 201000): page 3 by position, page 0 through the long read
+    assert select_pages(pages, 200_000, 201_000) == [0, 3]
+    assert select_pages(pages, 260_000, 261_000) == [4]
+    assert select_pages(pages, 10**9, 10**9 + 1) == []
+    # the reference writer's policy: >= 64 entries a page, <= 32 pages a reference
+    assert page_entries(10) == 64 and page_entries(64 * 32 + 1) == 65
+    one, dir1 = encode_index_pages(rows[:10])
+    assert len(dir1) == 1 and decode_index(one).tobytes() == rows[:10].tobytes()
+
+
+def test_manifest_page_directory_json_roundtrip():
+    from bams3core.index import Manifest, ObjectRef
+    ref = ObjectRef(key="data/r/index/0.b3i", size=30, sha256="0" * 64, n_blocks=3, n_records=9, ref_id=0,
+                    pages=[[0, 10, 2, 5, 900, 1], [10, 20, 1, 800, 1200, 2]])
+    m = Manifest(references=[{"name": "c", "length": 2000}], header=ObjectRef("h", 1, "1" * 64), chunks=[],
+                 index=[ref], n_records=9, stats={}, run_id="r", created="now", tool="t",
+                 block_bytes=1, chunk_bytes=1)
+    text = m.to_json()
+    assert b"[0, 10, 2, 5, 900, 1], [10, 20, 1, 800, 1200, 2]" in text  # one line per page
+    assert b'"pages"' not in text.split(b'"index"')[0]  # chunk/header refs carry no directory
+    back = Manifest.from_json(text)
+    assert back.index[0].index_pages()[1].max_end == 1200 and back.header.pages is None

@@ -147,6 +147,35 @@ def test_query_and_stats_request_counts(sample, s3_env, flaky_proxy):
     run_cli("query", uri, "chr1:30000-31000", "--no-cache", env=env)
 
 
+def test_region_query_reads_only_its_index_pages(sample, s3_env, flaky_proxy):
+    """Small blocks make a paged index: a cold region query fetches the manifest, one byte
+    range of the index (its pages, not the whole object) and the data; answers stay exact."""
+    env = _env(s3_env)
+    uri = s3_env.uri("paged.bams3")
+    run_cli("convert", "-q", "--block-size", "16K", sample["bam"], uri, env=env)
+    import shutil
+
+    from bams3.dataset import Dataset
+    from bams3.store import open_store
+
+    with open_store(uri, use_cache=False) as st:
+        ix = Dataset.open(st).manifest.index_for(0)
+    assert len(ix.pages) > 2, ix.pages
+    for region in ("chr1:30000-31000", "chr1:1-100", f"chr1:{ix.pages[-1][3] + 1}-{ix.pages[-1][3] + 500}"):
+        shutil.rmtree(os.environ["BAMS3_CACHE_DIR"], ignore_errors=True)
+        flaky_proxy.reset()
+        got = run_cli("query", uri, region, env=env).stdout
+        assert got == run_cli("query", sample["local"], region).stdout
+        idx = [r for r in flaky_proxy.records if r.path.endswith(ix.key)]
+        assert len(idx) == 1 and idx[0].range is not None, [(r.path, r.range) for r in idx]
+        assert 0 < idx[0].bytes_out < ix.size
+        other = [r.path for r in flaky_proxy.records if "/chunks/" not in r.path and r not in idx]
+        assert len(other) == 1 and other[0].endswith("manifest.json"), other  # + data ranges only
+    flaky_proxy.reset()
+    run_cli("query", uri, region, env=env)  # warm: the page range comes from the cache
+    assert all("/chunks/" in r.path for r in flaky_proxy.records)
+
+
 def test_rewritten_dataset_is_noticed(sample, s3_env):
     """A cached manifest whose chunks were replaced: the data GET's If-Match fails and the
     reader says so in one line (a rerun fetches the new manifest)."""

@@ -66,6 +66,14 @@ class Store(abc.ABC):
     def invalidate(self, key: str) -> None:
         """Forget any cached copy of ``key``."""
 
+    def get_small_range(self, key: str, byte_range: tuple[int, int]) -> bytes:
+        """A byte range of an immutable metadata object (index pages), possibly from a local
+        cache; the caller checks it (the manifest holds each page's CRC-32)."""
+        return self.get(key, byte_range)
+
+    def invalidate_range(self, key: str, byte_range: tuple[int, int]) -> None:
+        """Forget a cached copy of :meth:`get_small_range` ``(key, byte_range)``."""
+
     def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]], *,
                    if_match: str | None = None) -> list[bytes]:
         """Several ranges of one object (S3: parallel ranged GETs). Order follows ``ranges``."""

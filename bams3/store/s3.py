@@ -570,6 +570,26 @@ class S3Store(Store):
                           storage_class=info.storage_class, last_modified=info.last_modified)
         return data, info
 
+    def get_small_range(self, key: str, byte_range: tuple[int, int]) -> bytes:
+        """A range of an immutable object through the disk cache (cached under key + range:
+        index objects live under a run's own prefix and are never rewritten)."""
+        if not self.use_cache or not self._cache.enabled:
+            return self.get(key, byte_range)
+        full = self._full(key)
+        _ = self.client
+        ckey = f"{full}#bytes={byte_range[0]}-{byte_range[1]}"
+        entry = self._cache.load(self._ns, self.bucket, ckey)
+        if entry is not None:
+            return entry.data
+        data, resp = self._get_object(key, byte_range=byte_range)
+        info = self._info_from(key, resp, size=len(data))
+        self._cache.store(self._ns, self.bucket, ckey, data, etag=info.etag, version_id=info.version_id,
+                          size=len(data), storage_class=info.storage_class, last_modified=info.last_modified)
+        return data
+
+    def invalidate_range(self, key: str, byte_range: tuple[int, int]) -> None:
+        self._cache.invalidate(self._ns, self.bucket, f"{self._full(key)}#bytes={byte_range[0]}-{byte_range[1]}")
+
     @staticmethod
     def _entry_info(key, entry) -> ObjectInfo:
         return ObjectInfo(key=key, size=entry.size, etag=entry.etag, version_id=entry.version_id,
