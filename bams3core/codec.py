@@ -20,6 +20,7 @@ import zstandard
 from .names import decode_names, encode_names
 from .qualcodec import decode_quals, encode_quals
 from .tags import TagError, decode_tags, encode_tags
+from .kernels import find_mates_kernel
 from .bam import FIXED_DTYPE, FIXED_SIZE, RecordBatch, cigar_ref_lengths, end_positions, gather, reg2bin, scatter
 
 # (name, element width in bytes for byte-shuffling; 1 = no shuffle) — order is the format.
@@ -97,77 +98,20 @@ def _unshuffle(buf: bytes, width: int, dtype) -> np.ndarray:
 
 
 MAX_MATE_DISTANCE = 0xFFFF
-_P = np.uint64(0x100000001B3)
-_K = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9),
-      np.uint64(0xD6E8FEB86659FD93), np.uint64(0xFF51AFD7ED558CCD))
-
-
-def _name_hashes(names: np.ndarray, l_name: np.ndarray) -> np.ndarray:
-    n = len(l_name)
-    if n == 0 or len(names) == 0:
-        return np.zeros(n, dtype=np.uint64)
-    starts = np.zeros(n, dtype=np.int64)
-    np.cumsum(l_name[:-1], out=starts[1:])
-    k = np.arange(len(names), dtype=np.int64) - np.repeat(starts, l_name)
-    w = (names.astype(np.uint64) + np.uint64(1)) * (_K[0] + k.astype(np.uint64) * _P)
-    w ^= w >> np.uint64(29)
-    nz = l_name > 0
-    out = np.zeros(n, dtype=np.uint64)
-    out[nz] = np.add.reduceat(w, starts[nz]) if nz.any() else out[nz]
-    return out
 
 
 def find_mates(refid, pos, nref, npos, tlen, names, l_name) -> np.ndarray:
     """For each record, the distance back to an earlier record of this block that is its mate
     (0 if none): same name, and this record's RNEXT/PNEXT/TLEN equal that record's
-    RNAME/POS/-TLEN. The target is never itself linked, so decoding needs one pass."""
+    RNAME/POS/-TLEN (and the reverse). The target is never itself linked, so decoding needs
+    one pass. Compiled: :func:`bams3core.kernels.find_mates_kernel`."""
     n = len(pos)
     link = np.zeros(n, dtype=np.int64)
     if n < 2:
         return link
-    with np.errstate(over="ignore"):
-        h = _name_hashes(names, l_name)
-        u = lambda a: a.astype(np.int64).astype(np.uint64)  # noqa: E731
-        fwd = h ^ (u(refid) * _K[1]) ^ (u(pos) * _K[2]) ^ (u(nref) * _K[3]) ^ (u(npos) * _K[4]) ^ (u(-tlen) * _K[0])
-        rev = h ^ (u(nref) * _K[1]) ^ (u(npos) * _K[2]) ^ (u(refid) * _K[3]) ^ (u(pos) * _K[4]) ^ (u(tlen) * _K[0])
-    order = np.lexsort((np.arange(n), fwd))
-    sf = fwd[order]
-    # the nearest earlier record j with fwd[j] == rev[i]
-    p = np.searchsorted(sf, rev, side="left")
-    q = np.searchsorted(sf, rev, side="right")
-    cand = np.full(n, -1, dtype=np.int64)
-    has = q > p
-    idx = np.arange(n)
-    if has.any():
-        # dense rank of each sorted key, then (rank, index) as one sortable integer
-        rank = np.concatenate([[0], np.cumsum(sf[1:] != sf[:-1])]).astype(np.int64)
-        comp = rank * n + order
-        hi = np.flatnonzero(has)
-        pos2 = np.searchsorted(comp, rank[p[hi]] * n + hi, side="left") - 1
-        good = pos2 >= p[hi]
-        cand[hi[good]] = order[pos2[good]]
-    ok = cand >= 0
-    ok &= (idx - cand) <= MAX_MATE_DISTANCE
-    j = np.where(ok, cand, 0)
-    ok &= (nref == refid[j]) & (npos == pos[j]) & (tlen == -tlen[j]) & (l_name == l_name[j])
-    # exact name comparison for the candidates
-    if ok.any():
-        starts = np.zeros(n, dtype=np.int64)
-        np.cumsum(l_name[:-1], out=starts[1:])
-        ii = np.flatnonzero(ok)
-        a = gather(names, starts[ii], l_name[ii])
-        b = gather(names, starts[j[ii]], l_name[ii])
-        diff = (a != b).astype(np.int64)
-        cs = np.concatenate([[0], np.cumsum(diff)])
-        ends = np.cumsum(l_name[ii])
-        bad = (cs[ends] - cs[ends - l_name[ii]]) > 0
-        ok[ii[bad]] = False
-    link[ok] = (idx - cand)[ok]
-    # a linked record must not be a target (one-pass decoding)
-    linked = np.flatnonzero(link)
-    # process in order: drop links whose target is itself linked
-    bad = link[linked - link[linked]] != 0
-    link[linked[bad]] = 0
+    i64 = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # noqa: E731
+    find_mates_kernel(i64(refid), i64(pos), i64(nref), i64(npos), i64(tlen),
+                      np.ascontiguousarray(names, dtype=np.uint8), i64(l_name), MAX_MATE_DISTANCE, link)
     return link
 
 

@@ -150,3 +150,86 @@ def parse_tags_kernel(buf, starts, lens, size_lut, bsize_lut, keys, offs, sizes)
         if s > used:
             used = s
     return TAG_OK, used, -1
+
+
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xC2B2AE3D27D4EB4F)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mix(h, v):
+    h = (h ^ np.uint64(v)) * _M1
+    return h ^ (h >> np.uint64(29))
+
+
+@njit(cache=True, nogil=True)
+def _key_hash(name_hash, a, b, c, d, e):
+    h = name_hash
+    h = _mix(h, a)
+    h = _mix(h, b)
+    h = _mix(h, c)
+    h = _mix(h, d)
+    h = _mix(h, e)
+    return h
+
+
+@njit(cache=True, nogil=True)
+def find_mates_kernel(refid, pos, nref, npos, tlen, names, l_name, max_distance, link):
+    """For each record, the distance back to the nearest earlier record j whose
+    (name, RNAME, POS, RNEXT, PNEXT, -TLEN) equals this record's (name, RNEXT, PNEXT, RNAME,
+    POS, TLEN) — its mate, as the aligner wrote both — within ``max_distance``; 0 if none.
+    A record whose target is itself linked is not linked (one-pass decoding)."""
+    n = pos.shape[0]
+    starts = np.empty(n, np.int64)
+    nh = np.empty(n, np.uint64)
+    o = 0
+    for i in range(n):
+        starts[i] = o
+        h = _M2
+        for k in range(l_name[i]):
+            h = (h ^ np.uint64(names[o + k])) * _M1
+        nh[i] = h ^ (h >> np.uint64(31))
+        o += l_name[i]
+    size = 1
+    while size < 2 * n + 2:
+        size *= 2
+    mask = np.uint64(size - 1)
+    tkey = np.zeros(size, np.uint64)
+    tval = np.full(size, -1, np.int64)
+    for i in range(n):
+        link[i] = 0
+        # look up this record's reverse key among earlier records' forward keys
+        rk = _key_hash(nh[i], nref[i], npos[i], refid[i], pos[i], tlen[i])
+        s = rk & mask
+        j = -1
+        while tval[s] >= 0:
+            if tkey[s] == rk:
+                j = tval[s]
+                break
+            s = (s + np.uint64(1)) & mask
+        if j >= 0 and i - j <= max_distance and nref[i] == refid[j] and npos[i] == pos[j] \
+                and nref[j] == refid[i] and npos[j] == pos[i] and tlen[i] == -tlen[j] and l_name[i] == l_name[j]:
+            same = True
+            a = starts[i]
+            b = starts[j]
+            for k in range(l_name[i]):
+                if names[a + k] != names[b + k]:
+                    same = False
+                    break
+            if same:
+                link[i] = i - j
+        # insert this record's forward key (the latest record wins)
+        fk = _key_hash(nh[i], refid[i], pos[i], nref[i], npos[i], -tlen[i])
+        s = fk & mask
+        while tval[s] >= 0 and tkey[s] != fk:
+            s = (s + np.uint64(1)) & mask
+        tkey[s] = fk
+        tval[s] = i
+    # a linked record must not be a target: judged on the links as found
+    drop = np.zeros(n, np.bool_)
+    for i in range(n):
+        if link[i] != 0 and link[i - link[i]] != 0:
+            drop[i] = True
+    for i in range(n):
+        if drop[i]:
+            link[i] = 0

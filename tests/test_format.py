@@ -306,3 +306,44 @@ def test_one_region_decodes_at_most_one_extra_block(sim):
     q = ds.qstats
     assert n > 0 and q.requests == 1
     assert q.blocks <= q.blocks_with_hits + 1
+
+
+def _mates_reference(refid, pos, nref, npos, tlen, names, max_distance):
+    """find_mates by brute force: the nearest earlier record whose forward key equals this
+    record's reverse key, within max_distance; then no link may point at a linked record."""
+    n = len(pos)
+    link = [0] * n
+    for i in range(n):
+        for j in range(i - 1, -1, -1):
+            if (names[j], refid[j], pos[j], nref[j], npos[j], -tlen[j]) == \
+                    (names[i], nref[i], npos[i], refid[i], pos[i], tlen[i]):
+                link[i] = i - j if i - j <= max_distance else 0
+                break
+    return [0 if link[i] and link[i - link[i]] else link[i] for i in range(n)]
+
+
+def test_find_mates_matches_brute_force():
+    from bams3core import codec
+
+    rng = np.random.default_rng(11)
+    for trial in range(30):
+        n = int(rng.integers(2, 300))
+        # few names, positions and references: many near-matches, repeats and chains
+        names = [b"r%d" % rng.integers(0, max(2, n // 3)) for _ in range(n)]
+        refid = rng.integers(-1, 2, n)
+        pos = rng.integers(0, 6, n)
+        nref = rng.integers(-1, 2, n)
+        npos = rng.integers(0, 6, n)
+        tlen = rng.integers(-3, 4, n)
+        for i in range(1, n):  # plant real mate pairs
+            if rng.random() < 0.4:
+                j = int(rng.integers(0, i))
+                names[i], nref[i], npos[i], refid[i], pos[i], tlen[i] = \
+                    names[j], refid[j], pos[j], nref[j], npos[j], -tlen[j]
+        raw = b"".join(nm + b"\0" for nm in names)
+        l_name = np.array([len(nm) + 1 for nm in names], dtype=np.int64)
+        got = codec.find_mates(refid, pos, nref, npos, tlen, np.frombuffer(raw, dtype=np.uint8), l_name)
+        want = _mates_reference(list(refid), list(pos), list(nref), list(npos), list(tlen), names,
+                                codec.MAX_MATE_DISTANCE)
+        assert got.tolist() == want, trial
+        assert any(want) or n < 10
