@@ -50,7 +50,7 @@ NSTREAMS = len(STREAMS)
 
 # zstd level per stream (tuned for size at convert speed); anything absent uses DEFAULT_LEVEL.
 DEFAULT_LEVEL = 3
-STREAM_LEVELS = {"name": 9, "seq": 7, "tags": 7, "cigar": 5}
+STREAM_LEVELS = {"name": 5, "seq": 7, "tags": 7, "cigar": 5}
 
 
 class CodecError(ValueError):
