@@ -233,3 +233,76 @@ def find_mates_kernel(refid, pos, nref, npos, tlen, names, l_name, max_distance,
     for i in range(n):
         if drop[i]:
             link[i] = 0
+
+
+@njit(cache=True, nogil=True)
+def tag_column_order(keys, colkeys):
+    """The distinct keys in column order: slot by slot, each slot's new keys ascending.
+    Writes them to ``colkeys`` and returns how many there are."""
+    n = keys.shape[0]
+    nc = 0
+    for s in range(keys.shape[1]):
+        first = nc
+        for i in range(n):
+            k = keys[i, s]
+            if k < 0:
+                continue
+            known = False
+            for c in range(nc):
+                if colkeys[c] == k:
+                    known = True
+                    break
+            if not known:
+                colkeys[nc] = k
+                nc += 1
+        colkeys[first:nc].sort()
+    return nc
+
+
+@njit(cache=True, nogil=True)
+def tag_columns_kernel(buf, keys, offs, sizes, colkeys, widths, out, out_start):
+    """Write every tag value into its column: column c (key ``colkeys[c]``) occupies
+    ``out[out_start[c]:out_start[c+1]]`` (``out_start`` is filled here), values in record
+    order; fixed-width columns (``widths[c]`` > 1) byte-shuffled (byte 0 of every value,
+    then byte 1, ...). ``out`` must hold the sum of all ``sizes``."""
+    nc = colkeys.shape[0]
+    count = np.zeros(nc, np.int64)
+    nbytes = np.zeros(nc, np.int64)
+    n = keys.shape[0]
+    slots = keys.shape[1]
+    for i in range(n):
+        for s in range(slots):
+            k = keys[i, s]
+            if k < 0:
+                break
+            c = 0
+            while colkeys[c] != k:
+                c += 1
+            count[c] += 1
+            nbytes[c] += sizes[i, s]
+    out_start[0] = 0
+    for c in range(nc):
+        out_start[c + 1] = out_start[c] + nbytes[c]
+    cur = np.zeros(nc, np.int64)  # values written (shuffled) or bytes written (plain)
+    for i in range(n):
+        for s in range(slots):
+            k = keys[i, s]
+            if k < 0:
+                break
+            c = 0
+            while colkeys[c] != k:
+                c += 1
+            a = offs[i, s]
+            m = sizes[i, s]
+            w = widths[c]
+            base = out_start[c]
+            if w > 1:
+                v = cur[c]
+                for b in range(w):
+                    out[base + b * count[c] + v] = buf[a + b]
+                cur[c] = v + 1
+            else:
+                p = base + cur[c]
+                for j in range(m):
+                    out[p + j] = buf[a + j]
+                cur[c] += m

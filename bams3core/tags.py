@@ -26,13 +26,17 @@ import zstandard
 
 from .bam import gather, scatter
 from .kernels import (TAG_B_SUBTYPE, TAG_B_TRUNCATED, TAG_OK, TAG_OVERRUN, TAG_SLOTS, TAG_TRUNCATED,
-                      TAG_UNKNOWN_TYPE, TAG_UNTERMINATED, parse_tags_kernel)
+                      TAG_UNKNOWN_TYPE, TAG_UNTERMINATED, parse_tags_kernel, tag_column_order,
+                      tag_columns_kernel)
 
 _FIXED = {ord("A"): 1, ord("c"): 1, ord("C"): 1, ord("s"): 2, ord("S"): 2, ord("i"): 4, ord("I"): 4, ord("f"): 4}
 _BSIZE = {ord("c"): 1, ord("C"): 1, ord("s"): 2, ord("S"): 2, ord("i"): 4, ord("I"): 4, ord("f"): 4}
 _SIZE_LUT = np.zeros(256, dtype=np.int64)
 for _t, _s in _FIXED.items():
     _SIZE_LUT[_t] = _s
+_WIDTH_LUT = np.ones(256, dtype=np.int64)  # byte-shuffle width of a column by tag type
+for _t, _s in _FIXED.items():
+    _WIDTH_LUT[_t] = _s
 _BSIZE_LUT = np.zeros(256, dtype=np.int64)
 for _t, _s in _BSIZE.items():
     _BSIZE_LUT[_t] = _s
@@ -51,7 +55,8 @@ def split_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray):
     """Parse tag areas ``buf[starts[i]:starts[i]+lens[i]]``.
 
     Returns (layout_ids, layouts, columns): ``layouts`` a list of tuples of 3-byte keys,
-    ``columns`` a dict key -> (value starts, value lengths) in record order.
+    ``columns`` a dict key -> the column's bytes (its values in record order, fixed-width
+    types byte-shuffled), in column order.
     Raises TagError on malformed tags.
     """
     n = len(starts)
@@ -77,20 +82,16 @@ def split_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray):
             raise TagError("a record repeats a tag key")  # columns need unique keys: store raw
     layouts_arr, layout_ids = _unique_rows(K)
     layouts = [tuple(int(k) for k in row if k >= 0) for row in layouts_arr]
-    columns: dict[int, tuple[list, list, list]] = {}
-    for s in range(K.shape[1]):
-        ks = K[:, s]
-        for key in np.unique(ks[ks >= 0]):
-            rows = np.flatnonzero(ks == key)
-            c = columns.setdefault(int(key), ([], [], []))
-            c[0].append(rows)
-            c[1].append(O[rows, s])
-            c[2].append(L[rows, s])
-    cols = {}
-    for key, (rows, offs, lns) in columns.items():
-        rows = np.concatenate(rows)
-        order = np.argsort(rows, kind="stable")  # record order (a key appears once per record)
-        cols[key] = (np.concatenate(offs)[order], np.concatenate(lns)[order])
+    K, O, L = np.ascontiguousarray(K), np.ascontiguousarray(O), np.ascontiguousarray(L)
+    # columns in order of first appearance by slot (each slot's new keys in ascending order)
+    keys_arr = np.empty(K.shape[0] * K.shape[1] + 1, dtype=np.int64)
+    keys_arr = keys_arr[:tag_column_order(K, keys_arr)].copy()
+    colkeys = keys_arr.tolist()
+    widths = _WIDTH_LUT[keys_arr & 0xFF]
+    out_start = np.zeros(len(colkeys) + 1, dtype=np.int64)
+    out = np.empty(int(L.sum()), dtype=np.uint8)
+    tag_columns_kernel(buf, K, O, L, keys_arr, widths, out, out_start)
+    cols = {k: out[out_start[c]:out_start[c + 1]] for c, k in enumerate(colkeys)}
     return layout_ids.reshape(-1).astype(np.int64), layouts, cols
 
 
@@ -130,12 +131,7 @@ def encode_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray, cctx: zst
     ids = layout_ids.astype("<u2")
     payloads = [cctx.compress(ids.view(np.uint8).reshape(-1, 2).T.tobytes())]
     head.append(struct.pack("<I", len(cols)))
-    for key, (offs, lns) in cols.items():
-        vals = gather(buf, offs, lns)
-        t = key & 0xFF
-        w = _FIXED.get(t, 1)
-        if w > 1:
-            vals = vals.reshape(-1, w).T.reshape(-1)
+    for key, vals in cols.items():
         payload = cctx.compress(vals.tobytes())
         head.append(_kbytes(key) + struct.pack("<I", len(payload)))
         payloads.append(payload)
