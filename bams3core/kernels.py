@@ -306,3 +306,68 @@ def tag_columns_kernel(buf, keys, offs, sizes, colkeys, widths, out, out_start):
                 for j in range(m):
                     out[p + j] = buf[a + j]
                 cur[c] += m
+
+
+@njit(cache=True, nogil=True)
+def split_name_fields(names, l_name, max_colons, fstart, flen):
+    """Split NUL-terminated names at ':' into ``fstart``/``flen`` (n x (max_colons+1)).
+    Returns the number of colons, the same in every name, or -1 if they differ / exceed."""
+    n = l_name.shape[0]
+    o = 0
+    k_all = -1
+    for i in range(n):
+        stop = o + l_name[i] - 1  # the NUL
+        f = 0
+        fs = o
+        for j in range(o, stop):
+            if names[j] == 58:  # ':'
+                if f >= max_colons:
+                    return -1
+                fstart[i, f] = fs
+                flen[i, f] = j - fs
+                f += 1
+                fs = j + 1
+        fstart[i, f] = fs
+        flen[i, f] = stop - fs
+        if k_all < 0:
+            k_all = f
+        elif f != k_all:
+            return -1
+        o += l_name[i]
+    return k_all
+
+
+@njit(cache=True, nogil=True)
+def name_field_kernel(names, fstart, flen, f, ints, strs):
+    """Field ``f`` of every name: if every value is 1-9 decimal digits without a leading
+    zero, its integers go to ``ints`` and 1 is returned; otherwise the NUL-terminated
+    values go to ``strs`` and (0, their byte count) is returned."""
+    n = fstart.shape[0]
+    numeric = True
+    for i in range(n):
+        m = flen[i, f]
+        a = fstart[i, f]
+        if m <= 0 or m > 9 or (m > 1 and names[a] == 48):
+            numeric = False
+            break
+        v = 0
+        for j in range(m):
+            d = np.int64(names[a + j]) - 48
+            if d < 0 or d > 9:
+                numeric = False
+                break
+            v = v * 10 + d
+        if not numeric:
+            break
+        ints[i] = v
+    if numeric:
+        return 1, 4 * n
+    p = 0
+    for i in range(n):
+        a = fstart[i, f]
+        for j in range(flen[i, f]):
+            strs[p] = names[a + j]
+            p += 1
+        strs[p] = 0
+        p += 1
+    return 0, p

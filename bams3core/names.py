@@ -14,10 +14,9 @@ import struct
 import numpy as np
 import zstandard
 
-from .bam import gather
+from .kernels import name_field_kernel, split_name_fields
 
-_COLON = ord(":")
-_POW10 = 10 ** np.arange(10, dtype=np.int64)
+_MAX_COLONS = 30  # names with more ':' use method 0
 
 
 def encode_names(names: np.ndarray, l_name: np.ndarray, cctx: zstandard.ZstdCompressor) -> bytes:
@@ -38,39 +37,23 @@ def _tokenised(names: np.ndarray, l_name: np.ndarray, cctx: zstandard.ZstdCompre
     n = len(l_name)
     if n < 8 or (l_name < 2).any() or int(np.count_nonzero(names == 0)) != n:
         return None  # (names with extra NULs only round-trip in the plain form)
-    starts = np.zeros(n, dtype=np.int64)
-    np.cumsum(l_name[:-1], out=starts[1:])
-    is_colon = names == _COLON
-    counts = np.add.reduceat(is_colon.astype(np.int64), starts)
-    k = int(counts[0])
-    if k == 0 or k > 30 or (counts != k).any():
+    l_name = np.ascontiguousarray(l_name, dtype=np.int64)
+    names = np.ascontiguousarray(names, dtype=np.uint8)
+    fstart = np.empty((n, _MAX_COLONS + 1), dtype=np.int64)
+    flen = np.empty((n, _MAX_COLONS + 1), dtype=np.int64)
+    k = split_name_fields(names, l_name, _MAX_COLONS, fstart, flen)
+    if k <= 0:
         return None
-    colons = np.flatnonzero(is_colon).reshape(n, k)
-    fstart = np.concatenate([starts[:, None], colons + 1], axis=1)
-    fend = np.concatenate([colons, (starts + l_name - 1)[:, None]], axis=1)  # exclusive (':' or NUL)
-    flen = fend - fstart
     parts = [b"\x01", struct.pack("<B", k + 1)]
     payloads = []
+    ints = np.empty(n, dtype="<u4")
+    strs = np.empty(len(names), dtype=np.uint8)
     for f in range(k + 1):
-        s, ln = fstart[:, f], flen[:, f]
-        vals = gather(names, s, ln)
-        numeric = (ln > 0).all() and (ln <= 9).all() and ((vals >= 48) & (vals <= 57)).all() \
-            and not ((ln > 1) & (names[s] == 48)).any()
-        if numeric:
-            pos_in = np.arange(len(vals)) - np.repeat(np.cumsum(ln) - ln, ln)
-            digits = (vals.astype(np.int64) - 48) * _POW10[np.repeat(ln, ln) - 1 - pos_in]
-            ints = np.add.reduceat(digits, np.cumsum(ln) - ln).astype("<u4")
+        kind, size = name_field_kernel(names, fstart, flen, f, ints, strs)
+        if kind == 1:
             payload = cctx.compress(ints.view(np.uint8).reshape(-1, 4).T.tobytes())
-            kind = 1
         else:
-            buf = np.empty(len(vals) + n, dtype=np.uint8)
-            ends = np.cumsum(ln + 1)
-            keep = np.ones(len(buf), dtype=bool)
-            keep[ends - 1] = False
-            buf[keep] = vals
-            buf[~keep] = 0
-            payload = cctx.compress(buf.tobytes())
-            kind = 0
+            payload = cctx.compress(strs[:size].tobytes())
         parts.append(struct.pack("<BI", kind, len(payload)))
         payloads.append(payload)
     return b"".join(parts) + b"".join(payloads)
