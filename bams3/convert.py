@@ -66,6 +66,7 @@ class ExternalSorter:
     def __init__(self, store: Store, run_id: str, max_memory: int):
         self.store = store
         self.prefix = f"_tmp/{run_id}/"
+        self.max_memory = max_memory
         self.run_bytes = max(1 << 16, max_memory // 3)  # sorting a run needs ~2.5x its size
         self.frame_bytes = max(1 << 12, min(1 << 16, max_memory // 16))
         self.fan_in = max(2, max_memory // (2 * self.frame_bytes))
@@ -93,12 +94,25 @@ class ExternalSorter:
             start = stop
         return [encode_run_frames(pieces, self._cctx, threads=SPILL_THREADS)]
 
-    def _read_run(self, key: str) -> Iterator[RecordBatch]:
+    def _read_run(self, key: str, group: int = 1) -> Iterator[RecordBatch]:
+        """A run's records, ``group`` frames at a time (fewer, larger merge steps)."""
         f = self.store.open_read(key)
         try:
-            yield from decode_run_frames(f.read, self._dctx)
+            buf: list[RecordBatch] = []
+            for b in decode_run_frames(f.read, self._dctx):
+                buf.append(b)
+                if len(buf) >= group:
+                    yield buf[0] if len(buf) == 1 else RecordBatch.concat(buf)
+                    buf = []
+            if buf:
+                yield buf[0] if len(buf) == 1 else RecordBatch.concat(buf)
         finally:
             f.close()
+
+    def _merge(self, keys: list[str]) -> Iterator[RecordBatch]:
+        # each run's read-ahead gets an equal share of an eighth of the memory budget
+        group = max(1, (self.max_memory // 8) // (max(1, len(keys)) * self.frame_bytes))
+        return merge_sorted([self._read_run(k, group) for k in keys])
 
     @staticmethod
     def _sorted_run(buf: list[RecordBatch]) -> RecordBatch:
@@ -126,10 +140,10 @@ class ExternalSorter:
         runs = list(self.runs)
         while len(runs) > self.fan_in:  # multi-pass merge keeps memory bounded
             group, runs = runs[:self.fan_in], runs[self.fan_in:]
-            merged = self._spill(merge_sorted([self._read_run(k) for k in group]))
+            merged = self._spill(self._merge(group))
             self.store.delete(group)
             runs.insert(0, merged)  # the earliest runs, merged: input order (and stability) kept
-        yield from merge_sorted([self._read_run(k) for k in runs])
+        yield from self._merge(runs)
 
 
 # -- the pipeline -------------------------------------------------------------------------
