@@ -53,7 +53,7 @@ def encode_block(batch: RecordBatch) -> tuple[EncodedBlock, np.ndarray, np.ndarr
     """Encode one planned block; also return its fixed fields and flagstat counts (thread-safe)."""
     fx = batch.fixed()
     try:
-        return _encoder().encode(batch), fx, flagstat_counts(fx)
+        return _encoder().encode(batch, fx), fx, flagstat_counts(fx)
     except CodecError as e:
         raise InputError(f"cannot encode records at {_where(fx)}: {e}") from None
 

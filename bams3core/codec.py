@@ -130,12 +130,13 @@ class BlockEncoder:
         self._cctx = {name: zstandard.ZstdCompressor(level=max(1, STREAM_LEVELS.get(name, DEFAULT_LEVEL) + level_offset))
                       for name in STREAM_NAMES}
 
-    def encode(self, batch: RecordBatch) -> EncodedBlock:
+    def encode(self, batch: RecordBatch, fx: np.ndarray | None = None) -> EncodedBlock:
+        """Encode ``batch`` (``fx``: its :meth:`RecordBatch.fixed`, if the caller has it)."""
         n = len(batch)
         if n == 0:
             raise ValueError("cannot encode an empty block")
         u8 = np.frombuffer(batch.data, dtype=np.uint8)
-        fx = batch.fixed()
+        fx = batch.fixed() if fx is None else fx
         starts = batch.offsets[:-1]
         sizes = batch.offsets[1:] - starts  # includes the 4-byte block_size
         l_name = fx["l_read_name"].astype(np.int64)
