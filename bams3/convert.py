@@ -234,8 +234,8 @@ def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, s
                         submit_chunk(chunk)
 
         def submit_chunk(chunk: PlannedChunk) -> None:
-            writer.add_index_rows(chunk)
             pending_up.append((executor.submit_upload(writer, chunk), chunk))
+            writer.add_index_rows(chunk)  # (may write an index object: overlaps the upload)
             # chunks in flight are what memory holds; parallelism within a chunk comes from
             # the store (multipart parts on `upload_conc` connections)
             drain_uploads(MAX_CHUNKS_IN_FLIGHT)

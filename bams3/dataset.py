@@ -69,6 +69,29 @@ def run_prefix(run_id: str) -> str:
     return f"data/{run_id}/"
 
 
+class _Background:
+    """Runs ``fn`` on a daemon thread; :meth:`result` joins it and re-raises its error."""
+
+    def __init__(self, fn, *, name: str):
+        self._exc: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+            self._exc = e
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._exc is not None:
+            raise self._exc
+
+
 class DatasetWriter:
     """Writes one run of a dataset; :meth:`commit` makes it visible.
 
@@ -98,10 +121,16 @@ class DatasetWriter:
         self.n_records = 0
         self.prepared = False
         self.committed = False
+        self._sweeper: _Background | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     def prepare(self) -> None:
-        """Refuse to clobber a committed dataset (unless overwrite) and clear leftovers."""
+        """Refuse to clobber a committed dataset (unless overwrite), then clear leftovers.
+
+        The refusal is immediate; the leftover sweep (listings, aborts, deletes: a few round
+        trips on S3) runs on a background thread while the first chunk is being encoded, and
+        is joined before this run writes a chunk, an index or the manifest (its errors surface
+        there). It only removes objects older than STALE_SECONDS: never this run's."""
         try:
             data = self.store.get(MANIFEST_KEY)
         except NotFound:
@@ -113,6 +142,10 @@ class DatasetWriter:
                 self.previous = Manifest.from_json(data)
             except IndexError_:
                 self.previous = None
+        self._sweeper = _Background(self._sweep_leftovers, name="bams3-sweep")
+        self.prepared = True
+
+    def _sweep_leftovers(self) -> None:
         # Leftovers of conversions that died (no manifest points at them). Objects younger than
         # STALE_SECONDS may belong to a conversion still running on this prefix: keep them.
         self.store.cleanup_incomplete(older_than=STALE_SECONDS)
@@ -123,7 +156,11 @@ class DatasetWriter:
         stale += [o.key for o in self.store.list_prefix("_tmp/") if (o.last_modified or 0) < cutoff]
         if stale:
             self.store.delete(stale)
-        self.prepared = True
+
+    def _swept(self) -> None:
+        """Wait for the leftover sweep started by :meth:`prepare`; re-raise its error."""
+        if self._sweeper is not None:
+            self._sweeper.result()
 
     def chunk_key(self, number: int) -> str:
         return f"{self.prefix}chunks/{number:06d}.b3c"
@@ -142,6 +179,7 @@ class DatasetWriter:
 
     def upload_chunk(self, chunk: PlannedChunk) -> ObjectRef:
         """Upload one chunk object (idempotent: same key, same bytes) and index its blocks."""
+        self._swept()
         payload = chunk.payload()  # joined once and kept (a retried upload sends the same bytes)
         key = self.chunk_key(chunk.number)
         info = self.store.set(key, payload, content_type="application/octet-stream")
@@ -175,6 +213,7 @@ class DatasetWriter:
         name = "unplaced" if ref_id < 0 else str(ref_id)
         key = f"{self.prefix}index/{name}.b3i"
         data, pages = encode_index_pages(rows)
+        self._swept()
         self.store.set(key, data)
         self.index.append(ObjectRef(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
                                     n_blocks=len(rows), n_records=int(rows["n_records"].sum()), ref_id=ref_id,
@@ -184,6 +223,7 @@ class DatasetWriter:
 
     def commit(self) -> Manifest:
         """Write index remainder, header and — last — the manifest (conditionally)."""
+        self._swept()
         self._flush_index()
         htext = self.header.text.encode("utf-8", errors="surrogateescape")
         hkey = f"{self.prefix}{HEADER_KEY}"
@@ -229,6 +269,8 @@ class DatasetWriter:
         if self.committed:
             return
         try:
+            if self._sweeper is not None:
+                self._sweeper.wait()  # it may still be listing/deleting: let it finish first
             self.store.cleanup_incomplete(prefix=self.prefix)
             keys = [o.key for o in self.store.list_prefix(self.prefix)]
             keys += [o.key for o in self.store.list_prefix(f"_tmp/{self.run_id}/")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pysam
 import pytest
@@ -179,3 +180,40 @@ def test_region_ambiguous_like_htslib():
         parse_region("chr3:1-5", refs)
     assert parse_region("{chr3:1-5}", refs).ref_id == 1
     assert parse_region("{chr3}:1-5", refs).ref_id == 0
+
+
+def test_stale_leftovers_are_swept_fresh_ones_kept(small_bam, tmp_path):
+    """A conversion removes what dead conversions left (older than STALE_SECONDS) on its
+    background sweep, and keeps what may belong to a conversion still running."""
+    out = tmp_path / "ds"
+    old = [out / "data" / "0123456789abcdef" / "chunks" / "000000.b3c", out / "_tmp" / "0123456789abcdef" / "run-0"]
+    fresh = out / "data" / "fedcba9876543210" / "chunks" / "000000.b3c"
+    for p in (*old, fresh):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"left over")
+    two_hours_ago = time.time() - 7200
+    for p in old:
+        os.utime(p, (two_hours_ago, two_hours_ago))
+    run_cli("convert", "-q", small_bam["bam"], out)
+    assert (out / "manifest.json").exists()
+    assert [p for p in old if p.exists()] == []
+    assert fresh.exists()
+
+
+def test_failed_sweep_fails_the_conversion_before_commit(small_bam, tmp_path):
+    """The leftover sweep runs in the background; its error still stops the run: no manifest,
+    and this run's objects are removed."""
+    from bams3.convert import ConvertOptions, convert
+    from bams3.errors import StoreError
+    from bams3.store.local import LocalStore
+
+    class ListDenied(LocalStore):
+        def list_prefix(self, prefix=""):
+            if prefix in ("data/", "_tmp/"):
+                raise StoreError(f"{self.root}/{prefix}: access denied (ListBucket)")
+            return super().list_prefix(prefix)
+
+    out = tmp_path / "ds"
+    with pytest.raises(StoreError, match="access denied"):
+        convert(str(small_bam["bam"]), ListDenied(str(out)), ConvertOptions(threads=2))
+    _no_dataset(out)
