@@ -383,29 +383,33 @@ class Dataset:
 
     def region_rows(self, region: Region) -> np.ndarray:
         """Index rows that may overlap ``region``: only the index pages it needs (one ranged GET)."""
-        ref_id = region.ref_id
+        rows = self._candidate_rows(region.ref_id, [region])
+        return rows[select_blocks(rows, region)]
+
+    def _candidate_rows(self, ref_id: int, regions: list[Region]) -> np.ndarray:
+        """The index rows of every page that ``regions`` (all on ``ref_id``) may need, in file
+        order: the missing pages come with one ranged GET (first to last), cached; a
+        single-page or unplaced index is read whole."""
         ref = self.manifest.index_for(ref_id)
         if ref is None:
             return np.zeros(0, dtype=ENTRY_DTYPE)
         pages = self._pages(ref)
         if ref_id in self._index or pages is None or ref_id < 0 or len(pages) <= 1:
-            rows = self.index(ref_id)
-        else:
-            which = select_pages(pages, region.beg, region.end)
-            missing = [i for i in which if (ref_id, i) not in self._page_rows]
-            if missing:
-                a, b = pages[missing[0]], pages[missing[-1]]
-                span = (a.offset, b.offset + b.length)
+            return self.index(ref_id)
+        which = sorted({i for r in regions for i in select_pages(pages, r.beg, r.end)})
+        missing = [i for i in which if (ref_id, i) not in self._page_rows]
+        if missing:
+            a, b = pages[missing[0]], pages[missing[-1]]
+            span = (a.offset, b.offset + b.length)
+            data = self.store.get_small_range(ref.key, span)
+            try:
+                self._decode_pages(ref, pages, missing, data, span[0], check_crc=True)
+            except DatasetError:
+                self.store.invalidate_range(ref.key, span)  # a stale or damaged cached copy: once more
                 data = self.store.get_small_range(ref.key, span)
-                try:
-                    self._decode_pages(ref, pages, missing, data, span[0], check_crc=True)
-                except DatasetError:
-                    self.store.invalidate_range(ref.key, span)  # a stale or damaged cached copy: once more
-                    data = self.store.get_small_range(ref.key, span)
-                    self._decode_pages(ref, pages, missing, data, span[0], check_crc=True)
-            parts = [self._page_rows[(ref_id, i)] for i in which]
-            rows = np.concatenate(parts) if parts else np.zeros(0, dtype=ENTRY_DTYPE)
-        return rows[select_blocks(rows, region)]
+                self._decode_pages(ref, pages, missing, data, span[0], check_crc=True)
+        parts = [self._page_rows[(ref_id, i)] for i in which]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=ENTRY_DTYPE)
 
     def parse_region(self, text: str) -> Region:
         try:
@@ -523,7 +527,7 @@ class Dataset:
             by_ref.setdefault(r.ref_id, []).append(r)
         order = sorted(by_ref, key=lambda r: (r < 0, r))
         for ref_id in order:
-            rows = self.index(ref_id)
+            rows = self._candidate_rows(ref_id, by_ref[ref_id])
             idx = np.unique(np.concatenate([select_blocks(rows, r) for r in by_ref[ref_id]]))
             for b in self.iter_blocks(rows[idx]):
                 if ref_id < 0:

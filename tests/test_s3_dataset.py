@@ -176,6 +176,28 @@ def test_region_query_reads_only_its_index_pages(sample, s3_env, flaky_proxy):
     assert all("/chunks/" in r.path for r in flaky_proxy.records)
 
 
+def test_union_query_reads_only_the_index_pages_of_its_regions(sample, s3_env, flaky_proxy):
+    """`query -M` over a paged index: one ranged GET spanning the pages its regions need
+    (not the whole index object); the union is exact (as on the local dataset)."""
+    env = _env(s3_env)
+    uri = s3_env.uri("paged-union.bams3")
+    run_cli("convert", "-q", "--block-size", "16K", sample["bam"], uri, env=env)
+    from bams3.dataset import Dataset
+    from bams3.store import open_store
+
+    with open_store(uri, use_cache=False) as st:
+        ix = Dataset.open(st).manifest.index_for(0)
+    assert len(ix.pages) > 3, ix.pages
+    regions = ["chr1:1-100", "chr1:20000-31000", "chr1:25000-26000"]
+    flaky_proxy.reset()
+    got = run_cli("query", "-M", uri, *regions, env=env).stdout
+    assert got == run_cli("query", "-M", sample["local"], *regions).stdout
+    assert got.count(b"\n") > 0
+    idx = [r for r in flaky_proxy.records if r.path.endswith(ix.key)]
+    assert len(idx) == 1 and idx[0].range is not None, [(r.path, r.range) for r in idx]
+    assert 0 < idx[0].bytes_out < ix.size
+
+
 def test_rewritten_dataset_is_noticed(sample, s3_env):
     """A cached manifest whose chunks were replaced: the data GET's If-Match fails and the
     reader says so in one line (a rerun fetches the new manifest)."""
