@@ -214,7 +214,7 @@ def _encode_kernel(qual, lengths, rank, cidx, n, params, q2tab, ptab, etab, q2ta
             tot = to[prev_rev]
             cum = fo[prev_rev, 0] if rev else 0
             fr = fo[prev_rev, rev]
-            r = rng // tot
+            r = np.int64(np.uint32(rng) // np.uint32(tot))  # 32-bit divide: both < 2^32
             low += r * cum
             rng = r * fr
             while rng < _TOP:
@@ -250,7 +250,7 @@ def _encode_kernel(qual, lengths, rank, cidx, n, params, q2tab, ptab, etab, q2ta
                     cum += fa[ca, k] + fb[cb, k]
             fr = fa[ca, ci] + fb[cb, ci]
             tot = ta[ca] + tb[cb]
-            r = rng // tot
+            r = np.int64(np.uint32(rng) // np.uint32(tot))  # 32-bit divide: both < 2^32
             low += r * cum
             rng = r * fr
             while rng < _TOP:
