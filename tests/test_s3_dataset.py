@@ -147,28 +147,40 @@ def test_query_and_stats_request_counts(sample, s3_env, flaky_proxy):
     run_cli("query", uri, "chr1:30000-31000", "--no-cache", env=env)
 
 
-def test_region_query_reads_only_its_index_pages(sample, s3_env, flaky_proxy):
-    """Small blocks make a paged index: a cold region query fetches the manifest, one byte
-    range of the index (its pages, not the whole object) and the data; answers stay exact."""
-    env = _env(s3_env)
-    uri = s3_env.uri("paged.bams3")
-    run_cli("convert", "-q", "--block-size", "16K", sample["bam"], uri, env=env)
-    import shutil
-
+def _paged_dataset(sample, s3_env, name):
+    """Convert with small blocks (a paged index) to S3: (uri, env, chr1's index ObjectRef)."""
     from bams3.dataset import Dataset
     from bams3.store import open_store
 
+    env = _env(s3_env)
+    uri = s3_env.uri(name)
+    run_cli("convert", "-q", "--block-size", "16K", sample["bam"], uri, env=env)
     with open_store(uri, use_cache=False) as st:
         ix = Dataset.open(st).manifest.index_for(0)
-    assert len(ix.pages) > 2, ix.pages
+    assert len(ix.pages) > 3, ix.pages
+    return uri, env, ix
+
+
+def _one_index_range_read(proxy, ix):
+    """The proxy saw exactly one GET of the index object, ranged and smaller than it."""
+    idx = [r for r in proxy.records if r.path.endswith(ix.key)]
+    assert len(idx) == 1 and idx[0].range is not None, [(r.path, r.range) for r in idx]
+    assert 0 < idx[0].bytes_out < ix.size
+    return idx
+
+
+def test_region_query_reads_only_its_index_pages(sample, s3_env, flaky_proxy):
+    """Small blocks make a paged index: a cold region query fetches the manifest, one byte
+    range of the index (its pages, not the whole object) and the data; answers stay exact."""
+    import shutil
+
+    uri, env, ix = _paged_dataset(sample, s3_env, "paged.bams3")
     for region in ("chr1:30000-31000", "chr1:1-100", f"chr1:{ix.pages[-1][3] + 1}-{ix.pages[-1][3] + 500}"):
         shutil.rmtree(os.environ["BAMS3_CACHE_DIR"], ignore_errors=True)
         flaky_proxy.reset()
         got = run_cli("query", uri, region, env=env).stdout
         assert got == run_cli("query", sample["local"], region).stdout
-        idx = [r for r in flaky_proxy.records if r.path.endswith(ix.key)]
-        assert len(idx) == 1 and idx[0].range is not None, [(r.path, r.range) for r in idx]
-        assert 0 < idx[0].bytes_out < ix.size
+        idx = _one_index_range_read(flaky_proxy, ix)
         other = [r.path for r in flaky_proxy.records if "/chunks/" not in r.path and r not in idx]
         assert len(other) == 1 and other[0].endswith("manifest.json"), other  # + data ranges only
     flaky_proxy.reset()
@@ -179,23 +191,13 @@ def test_region_query_reads_only_its_index_pages(sample, s3_env, flaky_proxy):
 def test_union_query_reads_only_the_index_pages_of_its_regions(sample, s3_env, flaky_proxy):
     """`query -M` over a paged index: one ranged GET spanning the pages its regions need
     (not the whole index object); the union is exact (as on the local dataset)."""
-    env = _env(s3_env)
-    uri = s3_env.uri("paged-union.bams3")
-    run_cli("convert", "-q", "--block-size", "16K", sample["bam"], uri, env=env)
-    from bams3.dataset import Dataset
-    from bams3.store import open_store
-
-    with open_store(uri, use_cache=False) as st:
-        ix = Dataset.open(st).manifest.index_for(0)
-    assert len(ix.pages) > 3, ix.pages
+    uri, env, ix = _paged_dataset(sample, s3_env, "paged-union.bams3")
     regions = ["chr1:1-100", "chr1:20000-31000", "chr1:25000-26000"]
     flaky_proxy.reset()
     got = run_cli("query", "-M", uri, *regions, env=env).stdout
     assert got == run_cli("query", "-M", sample["local"], *regions).stdout
     assert got.count(b"\n") > 0
-    idx = [r for r in flaky_proxy.records if r.path.endswith(ix.key)]
-    assert len(idx) == 1 and idx[0].range is not None, [(r.path, r.range) for r in idx]
-    assert 0 < idx[0].bytes_out < ix.size
+    _one_index_range_read(flaky_proxy, ix)
 
 
 def test_rewritten_dataset_is_noticed(sample, s3_env):
