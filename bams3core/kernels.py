@@ -371,3 +371,39 @@ def name_field_kernel(names, fstart, flen, f, ints, strs):
         strs[p] = 0
         p += 1
     return 0, p
+
+
+@njit(cache=True, nogil=True)
+def flagstat_kernel(flag, mapq, refid, next_refid, out):
+    """Add one batch's `samtools flagstat` counts to ``out[2, 16]`` (row 0 QC-passed, row 1
+    QC-failed; columns in :data:`bams3core.stats.FLAGSTAT_FIELDS` order; bam_stat.c rules).
+    Flag bits: 0x1 paired, 0x2 proper, 0x4 unmapped, 0x8 mate unmapped, 0x40 read1,
+    0x80 read2, 0x100 secondary, 0x200 QC fail, 0x400 duplicate, 0x800 supplementary."""
+    for i in range(flag.shape[0]):
+        f = np.int64(flag[i])
+        row = 1 if f & 0x200 else 0
+        mapped = (f & 0x4) == 0
+        mmapped = (f & 0x8) == 0
+        sec = (f & 0x100) != 0
+        sup = (not sec) and (f & 0x800) != 0
+        prim = (not sec) and (not sup)
+        paired = prim and (f & 0x1) != 0
+        dup = (f & 0x400) != 0
+        both = paired and mapped and mmapped
+        diff = both and next_refid[i] != refid[i]
+        out[row, 0] += 1
+        out[row, 1] += prim
+        out[row, 2] += sec
+        out[row, 3] += sup
+        out[row, 4] += dup
+        out[row, 5] += prim and dup
+        out[row, 6] += mapped
+        out[row, 7] += prim and mapped
+        out[row, 8] += paired
+        out[row, 9] += paired and (f & 0x40) != 0
+        out[row, 10] += paired and (f & 0x80) != 0
+        out[row, 11] += paired and (f & 0x2) != 0 and mapped
+        out[row, 12] += both
+        out[row, 13] += paired and (not mmapped) and mapped
+        out[row, 14] += diff
+        out[row, 15] += diff and mapq[i] >= 5

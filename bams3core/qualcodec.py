@@ -131,6 +131,21 @@ _MASK32 = np.int64(0xFFFFFFFF)
 
 
 @njit(cache=True, nogil=True)
+def _byte_counts(q):
+    """np.bincount(q, minlength=256) for uint8 ``q`` (four sub-histograms: no store stalls)."""
+    c = np.zeros((4, 256), np.int64)
+    m = q.shape[0] & ~3
+    for i in range(0, m, 4):
+        c[0, q[i]] += 1
+        c[1, q[i + 1]] += 1
+        c[2, q[i + 2]] += 1
+        c[3, q[i + 3]] += 1
+    for i in range(m, q.shape[0]):
+        c[0, q[i]] += 1
+    return c[0] + c[1] + c[2] + c[3]
+
+
+@njit(cache=True, nogil=True)
 def _rescale(f, row, n):
     t = 0
     for k in range(n):
@@ -455,7 +470,7 @@ def encode_quals(qual: np.ndarray, lengths: np.ndarray) -> bytes:
     total = qual.size
     nreads = lengths.size
     lhash = _lengths_hash(lengths)
-    counts = np.bincount(qual, minlength=256)
+    counts = _byte_counts(qual)
     syms = np.flatnonzero(counts)
     n = syms.size
     if n <= 1:

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .bam import (FLAG_DUP, FLAG_MUNMAP, FLAG_PAIRED, FLAG_PROPER, FLAG_QCFAIL, FLAG_READ1,
-                  FLAG_READ2, FLAG_SECONDARY, FLAG_SUPPLEMENTARY, FLAG_UNMAP)
+from .bam import FLAG_UNMAP
+from .kernels import flagstat_kernel
 
 # Order and names exactly as `samtools flagstat -O json` prints them.
 FLAGSTAT_FIELDS = (
@@ -29,29 +29,9 @@ _PERCENT = {  # field -> denominator field
 
 def flagstat_counts(fixed: np.ndarray) -> np.ndarray:
     """Counts[2, len(FLAGSTAT_FIELDS)] for a batch: row 0 QC-passed, row 1 QC-failed."""
-    flag = fixed["flag"].astype(np.int64)
     out = np.zeros((2, len(FLAGSTAT_FIELDS)), dtype=np.int64)
-    if len(flag) == 0:
-        return out
-    mapped = (flag & FLAG_UNMAP) == 0
-    mmapped = (flag & FLAG_MUNMAP) == 0
-    sec = (flag & FLAG_SECONDARY) != 0
-    sup = ~sec & ((flag & FLAG_SUPPLEMENTARY) != 0)
-    prim = ~sec & ~sup
-    paired = prim & ((flag & FLAG_PAIRED) != 0)
-    dup = (flag & FLAG_DUP) != 0
-    both = paired & mapped & mmapped
-    diff = both & (fixed["next_refid"] != fixed["refid"])
-    cols = [
-        np.ones(len(flag), dtype=bool), prim, sec, sup, dup, prim & dup,
-        mapped, prim & mapped, paired, paired & ((flag & FLAG_READ1) != 0),
-        paired & ((flag & FLAG_READ2) != 0), paired & ((flag & FLAG_PROPER) != 0) & mapped,
-        both, paired & ~mmapped & mapped, diff, diff & (fixed["mapq"] >= 5),
-    ]
-    fail = (flag & FLAG_QCFAIL) != 0
-    for j, c in enumerate(cols):
-        out[1, j] = int(np.count_nonzero(c & fail))
-        out[0, j] = int(np.count_nonzero(c)) - out[1, j]
+    if len(fixed):
+        flagstat_kernel(fixed["flag"], fixed["mapq"], fixed["refid"], fixed["next_refid"], out)
     return out
 
 

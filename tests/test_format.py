@@ -347,3 +347,40 @@ def test_find_mates_matches_brute_force():
                                 codec.MAX_MATE_DISTANCE)
         assert got.tolist() == want, trial
         assert any(want) or n < 10
+
+
+def _flagstat_reference(flag, mapq, refid, next_refid):
+    """samtools bam_stat.c rules, one record at a time (the reference for the kernel)."""
+    out = np.zeros((2, 16), dtype=np.int64)
+    for f, q, r, nr in zip(flag.tolist(), mapq.tolist(), refid.tolist(), next_refid.tolist()):
+        row = 1 if f & 0x200 else 0
+        mapped, mmapped = not f & 0x4, not f & 0x8
+        sec = bool(f & 0x100)
+        sup = not sec and bool(f & 0x800)
+        prim = not sec and not sup
+        paired = prim and bool(f & 0x1)
+        dup = bool(f & 0x400)
+        both = paired and mapped and mmapped
+        diff = both and nr != r
+        cols = [True, prim, sec, sup, dup, prim and dup, mapped, prim and mapped, paired,
+                paired and bool(f & 0x40), paired and bool(f & 0x80),
+                paired and bool(f & 0x2) and mapped, both, paired and not mmapped and mapped,
+                diff, diff and q >= 5]
+        out[row] += np.array(cols, dtype=np.int64)
+    return out
+
+
+def test_flagstat_counts_match_per_record_rules():
+    from bams3core.bam import FIXED_DTYPE
+    from bams3core.stats import flagstat_counts
+
+    rng = np.random.default_rng(7)
+    fx = np.zeros(5000, dtype=FIXED_DTYPE)
+    fx["flag"] = rng.integers(0, 1 << 12, len(fx))
+    fx["mapq"] = rng.integers(0, 10, len(fx))
+    fx["refid"] = rng.integers(-1, 3, len(fx))
+    fx["next_refid"] = rng.integers(-1, 3, len(fx))
+    got = flagstat_counts(fx)
+    assert got.tolist() == _flagstat_reference(fx["flag"], fx["mapq"], fx["refid"], fx["next_refid"]).tolist()
+    assert got[0].sum() > 0 and got[1].sum() > 0
+    assert flagstat_counts(fx[:0]).tolist() == [[0] * 16, [0] * 16]

@@ -265,3 +265,12 @@ def test_overflow_falls_back_to_zstd(monkeypatch):
     monkeypatch.setattr(qualcodec, "_encode_kernel", lambda *a: -1)
     q, L = simulate(10, binned=True)
     assert roundtrip(q, L)[0] == METHOD_ZSTD
+
+
+def test_byte_counts_equal_bincount():
+    from bams3core.qualcodec import _byte_counts
+
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 3, 4, 5, 1001, 117_003):
+        q = rng.integers(0, 256, n).astype(np.uint8)
+        assert _byte_counts(q).tolist() == np.bincount(q, minlength=256).tolist()
