@@ -20,7 +20,8 @@ import threading
 import time
 import uuid
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -69,29 +70,6 @@ def run_prefix(run_id: str) -> str:
     return f"data/{run_id}/"
 
 
-class _Background:
-    """Runs ``fn`` on a daemon thread; :meth:`result` joins it and re-raises its error."""
-
-    def __init__(self, fn, *, name: str):
-        self._exc: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self, fn) -> None:
-        try:
-            fn()
-        except BaseException as e:  # noqa: BLE001 - handed to whoever waits
-            self._exc = e
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self) -> None:
-        self._thread.join()
-        if self._exc is not None:
-            raise self._exc
-
-
 class DatasetWriter:
     """Writes one run of a dataset; :meth:`commit` makes it visible.
 
@@ -121,7 +99,7 @@ class DatasetWriter:
         self.n_records = 0
         self.prepared = False
         self.committed = False
-        self._sweeper: _Background | None = None
+        self._sweeper: Future | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -142,7 +120,9 @@ class DatasetWriter:
                 self.previous = Manifest.from_json(data)
             except IndexError_:
                 self.previous = None
-        self._sweeper = _Background(self._sweep_leftovers, name="bams3-sweep")
+        pool = ThreadPoolExecutor(1, thread_name_prefix="bams3-sweep")
+        self._sweeper = pool.submit(self._sweep_leftovers)
+        pool.shutdown(wait=False)  # the future outlives the pool; its thread ends with the sweep
         self.prepared = True
 
     def _sweep_leftovers(self) -> None:
@@ -270,7 +250,7 @@ class DatasetWriter:
             return
         try:
             if self._sweeper is not None:
-                self._sweeper.wait()  # it may still be listing/deleting: let it finish first
+                futures_wait([self._sweeper])  # it may still be listing/deleting: let it finish first
             self.store.cleanup_incomplete(prefix=self.prefix)
             keys = [o.key for o in self.store.list_prefix(self.prefix)]
             keys += [o.key for o in self.store.list_prefix(f"_tmp/{self.run_id}/")]
