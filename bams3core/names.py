@@ -15,6 +15,7 @@ import numpy as np
 import zstandard
 
 from .kernels import name_field_kernel, split_name_fields
+from .shuffle import shuffle, unshuffle
 
 _MAX_COLONS = 30  # names with more ':' use method 0
 
@@ -51,7 +52,7 @@ def _tokenised(names: np.ndarray, l_name: np.ndarray, cctx: zstandard.ZstdCompre
     for f in range(k + 1):
         kind, size = name_field_kernel(names, fstart, flen, f, ints, strs)
         if kind == 1:
-            payload = cctx.compress(ints.view(np.uint8).reshape(-1, 4).T.tobytes())
+            payload = cctx.compress(shuffle(ints))
         else:
             payload = cctx.compress(strs[:size].tobytes())
         parts.append(struct.pack("<BI", kind, len(payload)))
@@ -82,7 +83,7 @@ def decode_names(data: bytes, n: int, dctx: zstandard.ZstdDecompressor):
             u8 = np.frombuffer(raw, dtype=np.uint8)
             if len(u8) != 4 * n:
                 raise ValueError("name field size mismatch")
-            ints = np.ascontiguousarray(u8.reshape(4, -1).T).reshape(-1).view("<u4")
+            ints = unshuffle(u8, 4, "<u4")
             cols.append([str(v) for v in ints.tolist()])
         else:
             vals = raw.split(b"\0")
