@@ -39,6 +39,8 @@ def _tokenised(names: np.ndarray, l_name: np.ndarray, cctx: zstandard.ZstdCompre
     if n < 8 or (l_name < 2).any() or int(np.count_nonzero(names == 0)) != n:
         return None  # (names with extra NULs only round-trip in the plain form)
     l_name = np.ascontiguousarray(l_name, dtype=np.int64)
+    if (names[np.cumsum(l_name) - 1] != 0).any():
+        return None  # a name without its NUL (and so another with two): plain form too
     names = np.ascontiguousarray(names, dtype=np.uint8)
     fstart = np.empty((n, _MAX_COLONS + 1), dtype=np.int64)
     flen = np.empty((n, _MAX_COLONS + 1), dtype=np.int64)
