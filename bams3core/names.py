@@ -89,7 +89,7 @@ def decode_names(data: bytes, n: int, dctx: zstandard.ZstdDecompressor):
             cols.append([str(v) for v in ints.tolist()])
         else:
             vals = raw.split(b"\0")
-            if len(vals) != n + 1:
+            if len(vals) != n + 1 or vals[n]:
                 raise ValueError("name field count mismatch")
             cols.append([v.decode("latin-1") for v in vals[:n]])
     joined = "\0".join(":".join(t) for t in zip(*cols)) + "\0"

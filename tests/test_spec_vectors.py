@@ -32,6 +32,7 @@ from bams3core.index import ENTRY_DTYPE, Manifest, ObjectRef, decode_index, enco
 from bams3core.names import _tokenised, decode_names, encode_names
 from bams3core.qualcodec import _get_varint, _lengths_hash, _put_varint, decode_quals, encode_quals
 from bams3core.shuffle import shuffle, unshuffle
+from bams3core.sorting import sorted_header_text
 from bams3core.tags import decode_tags, encode_tags
 
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
@@ -43,7 +44,7 @@ MIN_VECTORS = {
     "0.1": 10,    # zigzag, byte shuffle, varint
     "0.2": 8,     # reg2bin, sort key
     "3.4": 1,     # manifest
-    "4.2": 1,     # binary BAM header
+    "4.2": 4,     # header rewrite of a sorting writer, binary BAM header
     "5.1": 2,     # index page body
     "6.4": 2,     # seq nibbles
     "6.7": 4,     # names
@@ -188,6 +189,11 @@ def v_sort_key(inp, out):
     fx = np.zeros(1, dtype=[("refid", "<i4"), ("pos", "<i4"), ("flag", "<u2")])
     fx["refid"], fx["pos"], fx["flag"] = inp["refID"], inp["pos"], inp["flag"]
     assert f"{int(sort_keys(fx)[0]):016x}" == out
+
+
+def v_sorted_header(inp, out):
+    assert sorted_header_text(inp) == out
+    assert sorted_header_text(out) == out  # a sorted header stays as it is
 
 
 def v_seq_nibbles(inp, out):
@@ -396,7 +402,7 @@ def v_manifest(inp, out):
 
 FUNCTIONS = {
     "varint": v_varint, "zigzag": v_zigzag, "shuffle": v_shuffle, "reg2bin": v_reg2bin,
-    "sort_key": v_sort_key, "seq_nibbles": v_seq_nibbles, "bam_header": v_bam_header,
+    "sort_key": v_sort_key, "sorted_header": v_sorted_header, "seq_nibbles": v_seq_nibbles, "bam_header": v_bam_header,
     "index_page": v_index_page, "names": v_names, "tags": v_tags, "lengths_hash": v_lengths_hash,
     "quals": v_quals, "block": v_block, "manifest": v_manifest,
 }
@@ -464,6 +470,12 @@ def test_stream_table_matches_the_code(spec_text):
 def test_manifest_tables_match_the_code(spec_text):
     top = [r[0] for r in section_table(spec_text, "3.1", "field")]
     assert top == [f.name for f in dataclasses.fields(Manifest)]
+    para = spec_text[spec_text.index("Required by the reference reader:"):]
+    para = para[:para.index("Writers MUST write every field.")]
+    required = re.findall(r"`(\w+)`", para)
+    assert required == [f.name for f in dataclasses.fields(Manifest)
+                        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING] \
+        + ["format", "version", "streams"]
     ref = [r[0] for r in section_table(spec_text, "3.2", "field")]
     assert ref == [f.name for f in dataclasses.fields(ObjectRef)]
 
@@ -481,3 +493,16 @@ def test_worked_example_tables_match_its_vector(spec_text):
             assert hx(h(streams[name])) == content.split(" ", 1)[1]
             checked += 1
     assert checked >= 15
+
+
+def test_decoders_reject_what_the_spec_forbids():
+    """§6.7: a string field holds exactly U values and nothing after; §0.1: a shuffled
+    length that is not a multiple of the width."""
+    view = {"method": 1, "fields": [{"kind": 0, "content": hx(b"a\0b\0")}, {"kind": 1, "content": "01 02 00 00 00 00 00 00"}]}
+    names, _ = decode_names(names_frame(view), 2, _DZSTD)
+    assert bytes(names) == b"a:1\0b:2\0"
+    view["fields"][0]["content"] = hx(b"a\0b\0c")
+    with pytest.raises(ValueError):
+        decode_names(names_frame(view), 2, _DZSTD)
+    with pytest.raises(ValueError):
+        unshuffle(b"\0" * 6, 4, "<u4")
