@@ -4,6 +4,11 @@ name field and index column uses.
 ``N`` values of ``w`` bytes are stored as ``w`` byte planes: plane ``k`` holds byte ``k``
 (little-endian) of every value, in value order; shuffled byte ``k*N + i`` is byte ``k`` of
 value ``i``. Width 1 is the identity.
+
+One place writes the planes without this module: the compiled
+:func:`bams3core.kernels.tag_columns_kernel` shuffles tag values while it gathers them into
+their columns (fused, to avoid a copy per column); the spec's tag vectors check that its
+bytes are these (docs/FORMAT.md §6.8, tests/test_spec_vectors.py).
 """
 
 from __future__ import annotations
