@@ -21,6 +21,7 @@ from .names import decode_names, encode_names
 from .qualcodec import decode_quals, encode_quals
 from .tags import TagError, decode_tags, encode_tags
 from .kernels import find_mates_kernel
+from .shuffle import shuffle, unshuffle
 from .bam import FIXED_DTYPE, FIXED_SIZE, RecordBatch, cigar_ref_lengths, end_positions, gather, reg2bin, scatter
 
 # (name, element width in bytes for byte-shuffling; 1 = no shuffle) — order is the format.
@@ -82,19 +83,24 @@ def _unzz(u: np.ndarray) -> np.ndarray:
     return ((u >> 1) ^ -(u & 1)).astype(np.int32)
 
 
-def _shuffle(arr: np.ndarray, width: int) -> bytes:
-    if width == 1:
-        return arr.tobytes()
-    return arr.view(np.uint8).reshape(-1, width).T.tobytes()
-
-
 def _unshuffle(buf: bytes, width: int, dtype) -> np.ndarray:
-    u8 = np.frombuffer(buf, dtype=np.uint8)
-    if width == 1:
-        return u8.view(dtype)
-    if len(u8) % width:
-        raise CodecError("stream length is not a multiple of its element width")
-    return np.ascontiguousarray(u8.reshape(width, -1).T).reshape(-1).view(dtype)
+    try:
+        return unshuffle(buf, width, dtype)
+    except ValueError:
+        raise CodecError("stream length is not a multiple of its element width") from None
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """The ``seq`` stream (§6.4): packed 4-bit base codes, one byte per nibble, high first."""
+    seq = np.empty(2 * len(packed), dtype=np.uint8)
+    seq[0::2] = packed >> 4
+    seq[1::2] = packed & 0xF
+    return seq
+
+
+def pack_nibbles(seq: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`unpack_nibbles` (``seq`` has an even length)."""
+    return (seq[0::2] << 4) | seq[1::2]
 
 
 MAX_MATE_DISTANCE = 0xFFFF
@@ -161,10 +167,7 @@ class BlockEncoder:
         ends = end_positions(pos, fx["flag"], rlen)
         bins = (fx["bin"].astype(np.int64) - reg2bin(pos, ends)) & 0xFFFF
 
-        packed = gather(u8, seq_off, l_packed)
-        seq = np.empty(2 * len(packed), dtype=np.uint8)
-        seq[0::2] = packed >> 4
-        seq[1::2] = packed & 0xF
+        seq = unpack_nibbles(gather(u8, seq_off, l_packed))
 
         names = gather(u8, name_off, l_name)
         refid = fx["refid"].astype(np.int64)
@@ -202,7 +205,7 @@ class BlockEncoder:
             elif name == "qual":
                 frames.append(encode_quals(raw["qual"], l_seq))
             else:
-                frames.append(self._cctx[name].compress(_shuffle(np.ascontiguousarray(raw[name]), width)))
+                frames.append(self._cctx[name].compress(shuffle(raw[name], width)))
         data = b"".join(frames)
         return EncodedBlock(
             data=data,
@@ -349,7 +352,7 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
     p = p + l_name
     scatter(out, p, 4 * n_cig, cigar.view(np.uint8))
     p = p + 4 * n_cig
-    scatter(out, p, l_packed, (seq[0::2] << 4) | seq[1::2])
+    scatter(out, p, l_packed, pack_nibbles(seq))
     p = p + l_packed
     scatter(out, p, l_seq, qual)
     p = p + l_seq

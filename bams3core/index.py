@@ -20,6 +20,7 @@ import numpy as np
 import zstandard
 
 from .codec import NSTREAMS, STREAM_NAMES
+from .shuffle import shuffle, unshuffle
 
 FORMAT_NAME = "bams3"
 FORMAT_VERSION = 1
@@ -64,9 +65,8 @@ def encode_index(entries: np.ndarray) -> bytes:
         col = np.ascontiguousarray(entries[name])
         if name in _DELTA_FIELDS and len(col):
             col = np.diff(col.astype(np.int64), prepend=np.int64(0)).astype(col.dtype)
-        width = col.dtype.itemsize
-        cols.append(col.view(np.uint8).reshape(-1, width).T.tobytes() if col.ndim == 1 else
-                    col.T.copy().view(np.uint8).reshape(-1, width).T.tobytes())
+        # stream_sizes (n x 18): its 18 columns one after the other, shuffled as ONE sequence
+        cols.append(shuffle(col if col.ndim == 1 else col.T))
     return zstandard.ZstdCompressor(level=19).compress(head + b"".join(cols))
 
 
@@ -140,9 +140,8 @@ def decode_index(data: bytes) -> np.ndarray:
         dt, shape = ENTRY_DTYPE[name].base, ENTRY_DTYPE[name].shape
         k = int(np.prod(shape)) if shape else 1
         size = n * k * dt.itemsize
-        u8 = np.frombuffer(body[p:p + size], dtype=np.uint8)
+        col = unshuffle(body[p:p + size], dt.itemsize, dt)
         p += size
-        col = np.ascontiguousarray(u8.reshape(dt.itemsize, -1).T).reshape(-1).view(dt)
         if shape:
             out[name] = col.reshape(k, n).T
         else:

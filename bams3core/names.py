@@ -15,6 +15,7 @@ import numpy as np
 import zstandard
 
 from .kernels import name_field_kernel, split_name_fields
+from .shuffle import shuffle, unshuffle
 
 _MAX_COLONS = 30  # names with more ':' use method 0
 
@@ -38,6 +39,8 @@ def _tokenised(names: np.ndarray, l_name: np.ndarray, cctx: zstandard.ZstdCompre
     if n < 8 or (l_name < 2).any() or int(np.count_nonzero(names == 0)) != n:
         return None  # (names with extra NULs only round-trip in the plain form)
     l_name = np.ascontiguousarray(l_name, dtype=np.int64)
+    if (names[np.cumsum(l_name) - 1] != 0).any():
+        return None  # a name without its NUL (and so another with two): plain form too
     names = np.ascontiguousarray(names, dtype=np.uint8)
     fstart = np.empty((n, _MAX_COLONS + 1), dtype=np.int64)
     flen = np.empty((n, _MAX_COLONS + 1), dtype=np.int64)
@@ -51,7 +54,7 @@ def _tokenised(names: np.ndarray, l_name: np.ndarray, cctx: zstandard.ZstdCompre
     for f in range(k + 1):
         kind, size = name_field_kernel(names, fstart, flen, f, ints, strs)
         if kind == 1:
-            payload = cctx.compress(ints.view(np.uint8).reshape(-1, 4).T.tobytes())
+            payload = cctx.compress(shuffle(ints))
         else:
             payload = cctx.compress(strs[:size].tobytes())
         parts.append(struct.pack("<BI", kind, len(payload)))
@@ -82,11 +85,11 @@ def decode_names(data: bytes, n: int, dctx: zstandard.ZstdDecompressor):
             u8 = np.frombuffer(raw, dtype=np.uint8)
             if len(u8) != 4 * n:
                 raise ValueError("name field size mismatch")
-            ints = np.ascontiguousarray(u8.reshape(4, -1).T).reshape(-1).view("<u4")
+            ints = unshuffle(u8, 4, "<u4")
             cols.append([str(v) for v in ints.tolist()])
         else:
             vals = raw.split(b"\0")
-            if len(vals) != n + 1:
+            if len(vals) != n + 1 or vals[n]:
                 raise ValueError("name field count mismatch")
             cols.append([v.decode("latin-1") for v in vals[:n]])
     joined = "\0".join(":".join(t) for t in zip(*cols)) + "\0"

@@ -176,9 +176,13 @@ def header_sort_order(text: str) -> str | None:
     return None
 
 
-def parse_size(text: str) -> int:
-    """'768M', '2G', '512K', '1000' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
+def parse_size(text: int | str) -> int:
+    """Bytes from a size: an int, or text such as '768M', '2G', '512K', '1.5GiB', '1000'
+    (binary units K/M/G/T, optional 'B' or 'iB', any case). The one parser of sizes for the
+    CLI, the flows and the benchmark."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]?)(?:[iI]?[bB])?\s*", str(text))
     if not m:
         raise ValueError(f"bad size {text!r} (use e.g. 512M, 2G)")
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]

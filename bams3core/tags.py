@@ -28,6 +28,7 @@ from .bam import gather, scatter
 from .kernels import (TAG_B_SUBTYPE, TAG_B_TRUNCATED, TAG_OK, TAG_OVERRUN, TAG_SLOTS, TAG_TRUNCATED,
                       TAG_UNKNOWN_TYPE, TAG_UNTERMINATED, parse_tags_kernel, tag_column_order,
                       tag_columns_kernel)
+from .shuffle import shuffle, unshuffle
 
 _FIXED = {ord("A"): 1, ord("c"): 1, ord("C"): 1, ord("s"): 2, ord("S"): 2, ord("i"): 4, ord("I"): 4, ord("f"): 4}
 _BSIZE = {ord("c"): 1, ord("C"): 1, ord("s"): 2, ord("S"): 2, ord("i"): 4, ord("I"): 4, ord("f"): 4}
@@ -129,7 +130,7 @@ def encode_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray, cctx: zst
         head.append(struct.pack("<H", len(lay)))
         head.extend(_kbytes(k) for k in lay)
     ids = layout_ids.astype("<u2")
-    payloads = [cctx.compress(ids.view(np.uint8).reshape(-1, 2).T.tobytes())]
+    payloads = [cctx.compress(shuffle(ids))]
     head.append(struct.pack("<I", len(cols)))
     for key, vals in cols.items():
         payload = cctx.compress(vals.tobytes())
@@ -169,7 +170,7 @@ def decode_tags(data: bytes, l_tags: np.ndarray, dctx: zstandard.ZstdDecompresso
     p += idsize
     if len(raw_ids) != 2 * n:
         raise TagError("tag layout count mismatch")
-    ids = np.ascontiguousarray(raw_ids.reshape(2, -1).T).reshape(-1).view("<u2").astype(np.int64)
+    ids = unshuffle(raw_ids, 2, "<u2").astype(np.int64)
     if n and ids.max() >= nlay:
         raise TagError("bad tag layout id")
     colvals = {}
@@ -206,7 +207,7 @@ def decode_tags(data: bytes, l_tags: np.ndarray, dctx: zstandard.ZstdDecompresso
             if len(vals) != w * len(rows):
                 raise TagError("tag column size mismatch")
             if w > 1:
-                vals = np.ascontiguousarray(vals.reshape(w, -1).T).reshape(-1)
+                vals = unshuffle(vals, w)
             lens = np.full(len(rows), w, dtype=np.int64)
         elif t in (ord("Z"), ord("H")):
             z = np.flatnonzero(vals == 0)

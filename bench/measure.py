@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bams3core.sorting import parse_size
+
 from . import bai, util
 from .data import Dataset
 from .report import ERROR, NA, Goal, Row
@@ -140,7 +142,7 @@ class Ctx:
 
 
 def _mib(s: str) -> float:
-    return util.parse_size(s) / MiB
+    return parse_size(s) / MiB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +159,7 @@ def convert_local(ctx: Ctx) -> None:
 
     sam_b = ["samtools", "view", "-@", T, "-b", "-o", out_bam]
     sam_c = ["samtools", "view", "-@", T, "-C", "-T", ds.ref, "-o", out_cram]
-    mem_bytes = util.parse_size(ctx.max_memory)
+    mem_bytes = parse_size(ctx.max_memory)
     sam_sort = ["samtools", "sort", "-@", T, "-m", f"{max(1, mem_bytes // T // MiB)}M",
                 "-T", ctx.work / "sorttmp", "-o", out_bam, "-"]
     produce_full = ["samtools", "view", "-u", ds.aligned]

@@ -71,13 +71,14 @@ def resolve_target(dataset: str | None) -> str:
 
 
 def parse_size(value: int | str | None, what: str) -> int | None:
-    """Bytes from an int or a size string like "16M" / "768M" (None stays None)."""
-    if value is None or isinstance(value, int):
-        return value
+    """:func:`bams3core.sorting.parse_size` for a flow parameter (None stays None); a bad
+    value is an InputError naming the parameter."""
+    if value is None:
+        return None
     from bams3core.sorting import parse_size as _parse
 
     try:
-        return _parse(str(value))
+        return _parse(value)
     except ValueError as e:
         raise InputError(f"{what}: {e}") from None
 

@@ -48,3 +48,16 @@ def test_merge_equals_stable_sort(seed):
 def test_sorted_header_like_samtools():
     assert sorted_header_text("@SQ\tSN:c\tLN:1\n").startswith("@HD\tVN:1.6\tSO:coordinate\n")
     assert sorted_header_text("@HD\tVN:1.4\tSO:unsorted\tGO:query\n") == "@HD\tVN:1.4\tSO:coordinate\n"
+
+
+def test_parse_size_is_the_one_size_parser():
+    """The CLI, the flows and the benchmark all parse sizes with bams3core.sorting.parse_size."""
+    from bams3core.sorting import parse_size
+    from flows.common import parse_size as flow_size
+
+    assert [parse_size(x) for x in ("768M", "2G", "512k", "1.5GiB", "2gib", "64MB", " 1000 ", 4096)] == \
+        [768 << 20, 2 << 30, 512 << 10, 3 << 29, 2 << 30, 64 << 20, 1000, 4096]
+    for bad in ("12X", "", "-5", "M"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    assert flow_size(None, "x") is None and flow_size("16M", "x") == 16 << 20
