@@ -198,6 +198,11 @@ def _require_s3(uri: str, what: str) -> None:
         raise InputError(f"{uri}: {what} applies to S3 only (s3://bucket/prefix)")
 
 
+LIFECYCLE_OPTIONS = {"ia_days": "--transition-ia-days", "glacier_ir_days": "--transition-glacier-ir-days",
+                     "tmp_expire_days": "--expire-tmp-days", "abort_multipart_days": "--abort-multipart-days",
+                     "noncurrent_days": "--expire-noncurrent-days"}
+
+
 def cmd_lifecycle(args, argv) -> int:
     from bams3core import cost
 
@@ -205,24 +210,18 @@ def cmd_lifecycle(args, argv) -> int:
 
     _require_s3(args.prefix, "a lifecycle configuration")
     _scheme, _bucket, prefix = parse_uri(args.prefix)
+    plan = dict(ia_days=args.transition_ia_days, glacier_ir_days=args.transition_glacier_ir_days,
+                tmp_expire_days=args.expire_tmp_days, abort_multipart_days=args.abort_multipart_days,
+                noncurrent_days=args.expire_noncurrent_days, names=LIFECYCLE_OPTIONS)
     try:
-        cost.lifecycle_plan(prefix, ia_days=args.transition_ia_days, glacier_ir_days=args.transition_glacier_ir_days,
-                            tmp_expire_days=args.expire_tmp_days, abort_multipart_days=args.abort_multipart_days,
-                            noncurrent_days=args.expire_noncurrent_days)
+        cost.lifecycle_plan(prefix, **plan)  # the options are checked before any request
     except ValueError as e:
-        raise InputError(str(e).replace("ia_days", "--transition-ia-days")
-                         .replace("glacier_ir_days", "--transition-glacier-ir-days")
-                         .replace("tmp_expire_days", "--expire-tmp-days")
-                         .replace("abort_multipart_days", "--abort-multipart-days")
-                         .replace("noncurrent_days", "--expire-noncurrent-days")) from None
+        raise InputError(str(e)) from None
     from .store import s3admin
 
     with _open_store(args.prefix, args, write=False) as store:
         versioned = s3admin.is_versioned(store)
-        rules = cost.lifecycle_plan(prefix, ia_days=args.transition_ia_days,
-                                    glacier_ir_days=args.transition_glacier_ir_days,
-                                    tmp_expire_days=args.expire_tmp_days, abort_multipart_days=args.abort_multipart_days,
-                                    versioned=versioned, noncurrent_days=args.expire_noncurrent_days)
+        rules = cost.lifecycle_plan(prefix, versioned=versioned, **plan)
         res = s3admin.lifecycle(store, rules, apply=args.apply, replace_under=prefix)
     ch = res["changes"]
     print(json.dumps({"bucket": res["bucket"], "prefix": prefix, "versioned": versioned, "applied": res["applied"],

@@ -289,7 +289,8 @@ def _tagged(prefix: str, value: str) -> dict:
 
 def lifecycle_plan(prefix: str, *, ia_days: int | None = 30, glacier_ir_days: int | None = 90,
                    tmp_expire_days: int | None = 7, abort_multipart_days: int | None = 7,
-                   versioned: bool = False, noncurrent_days: int | None = 30) -> list[dict]:
+                   versioned: bool = False, noncurrent_days: int | None = 30,
+                   names: Mapping[str, str] | None = None) -> list[dict]:
     """The lifecycle rules for every bams3 dataset under ``prefix`` (bucket-relative; "" = the
     whole bucket): at most 4 rules, however many datasets and runs live there.
 
@@ -305,14 +306,18 @@ def lifecycle_plan(prefix: str, *, ia_days: int | None = 30, glacier_ir_days: in
     * ``bams3:noncurrent:<prefix>`` (``versioned`` buckets only): noncurrent versions (what
       ``--overwrite`` and deletes leave behind) expire ``noncurrent_days`` after they became
       noncurrent, and expired delete markers are removed.
+
+    ``names`` renames the parameters in error messages (e.g. to the CLI's option names).
     """
-    _check_days("ia_days", ia_days, MIN_DAYS_BEFORE_IA)
-    _check_days("glacier_ir_days", glacier_ir_days, 0)
-    _check_days("tmp_expire_days", tmp_expire_days)
-    _check_days("abort_multipart_days", abort_multipart_days)
-    _check_days("noncurrent_days", noncurrent_days)
+    n = {k: k for k in ("ia_days", "glacier_ir_days", "tmp_expire_days", "abort_multipart_days", "noncurrent_days")}
+    n.update(names or {})
+    _check_days(n["ia_days"], ia_days, MIN_DAYS_BEFORE_IA)
+    _check_days(n["glacier_ir_days"], glacier_ir_days, 0)
+    _check_days(n["tmp_expire_days"], tmp_expire_days)
+    _check_days(n["abort_multipart_days"], abort_multipart_days)
+    _check_days(n["noncurrent_days"], noncurrent_days)
     if ia_days is not None and glacier_ir_days is not None and glacier_ir_days < ia_days + MIN_DAYS_IA_BEFORE_NEXT:
-        raise ValueError(f"glacier_ir_days ({glacier_ir_days}) must be at least ia_days + "
+        raise ValueError(f"{n['glacier_ir_days']} ({glacier_ir_days}) must be at least {n['ia_days']} + "
                          f"{MIN_DAYS_IA_BEFORE_NEXT} ({ia_days + MIN_DAYS_IA_BEFORE_NEXT}): S3 keeps "
                          "objects 30 days in STANDARD_IA before the next transition")
     p = prefix.strip("/")

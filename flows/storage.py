@@ -62,7 +62,9 @@ def storage_report(
     try:  # validate the lifecycle parameters before any work
         cost.lifecycle_plan("", ia_days=transition_ia_days, glacier_ir_days=transition_glacier_ir_days,
                             tmp_expire_days=expire_tmp_days, abort_multipart_days=abort_multipart_days,
-                            noncurrent_days=expire_noncurrent_days)
+                            noncurrent_days=expire_noncurrent_days,
+                            names={"ia_days": "transition_ia_days", "glacier_ir_days": "transition_glacier_ir_days",
+                                   "tmp_expire_days": "expire_tmp_days", "noncurrent_days": "expire_noncurrent_days"})
     except ValueError as e:
         raise InputError(str(e)) from None
     aws = aws_options(aws_credentials_block, region)
