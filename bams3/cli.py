@@ -184,6 +184,142 @@ def cmd_verify(args, argv) -> int:
     return 0 if rep.ok else 1
 
 
+def _days_or_off(text: str) -> int | None:
+    if text.lower() in ("off", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of days or 'off', got {text!r}") from None
+
+
+def _require_s3(uri: str, what: str) -> None:
+    if not uri.startswith("s3://"):
+        raise InputError(f"{uri}: {what} applies to S3 only (s3://bucket/prefix)")
+
+
+LIFECYCLE_OPTIONS = {"ia_days": "--transition-ia-days", "glacier_ir_days": "--transition-glacier-ir-days",
+                     "tmp_expire_days": "--expire-tmp-days", "abort_multipart_days": "--abort-multipart-days",
+                     "noncurrent_days": "--expire-noncurrent-days"}
+
+
+def cmd_lifecycle(args, argv) -> int:
+    from bams3core import cost
+
+    from .store import parse_uri
+
+    _require_s3(args.prefix, "a lifecycle configuration")
+    _scheme, _bucket, prefix = parse_uri(args.prefix)
+    plan = dict(ia_days=args.transition_ia_days, glacier_ir_days=args.transition_glacier_ir_days,
+                tmp_expire_days=args.expire_tmp_days, abort_multipart_days=args.abort_multipart_days,
+                noncurrent_days=args.expire_noncurrent_days, names=LIFECYCLE_OPTIONS)
+    try:
+        cost.lifecycle_plan(prefix, **plan)  # the options are checked before any request
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    from .store import s3admin
+
+    with _open_store(args.prefix, args, write=False) as store:
+        versioned = s3admin.is_versioned(store)
+        rules = cost.lifecycle_plan(prefix, versioned=versioned, **plan)
+        res = s3admin.lifecycle(store, rules, apply=args.apply, replace_under=prefix)
+    ch = res["changes"]
+    print(json.dumps({"bucket": res["bucket"], "prefix": prefix, "versioned": versioned, "applied": res["applied"],
+                      "rules": rules, "changes": ch, "bucket_rules": len(res["merged"])}, indent=1))
+    what = (f"{len(ch['added'])} added, {len(ch['replaced'])} replaced, {len(ch['removed'])} removed, "
+            f"{len(ch['unchanged'])} unchanged; the bucket {'now has' if res['applied'] else 'would have'} "
+            f"{len(res['merged'])} rule(s)")
+    if res["applied"]:
+        print(f"bams3: lifecycle configuration of s3://{res['bucket']} written: {what}", file=sys.stderr)
+    else:
+        print(f"bams3: dry run for s3://{res['bucket']}: {what}; pass --apply to write it", file=sys.stderr)
+    return 0
+
+
+def _usd(x) -> str:
+    from bams3core.cost import fmt_usd
+
+    return fmt_usd(x)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.2f} MB"
+
+
+def _io(c) -> str:
+    return "n/a (restore first)" if c is None else f"{c['requests']} request(s), {_mb(c['bytes'])}: {_usd(c['usd'])}"
+
+
+def cmd_cost(args, argv) -> int:
+    from bams3core import cost
+
+    from . import pricing
+
+    opts = dict(region=args.s3_region)
+    if pricing.is_dataset(args.path, **opts):
+        with _open_store(args.path, args, write=False) as store:
+            rep = pricing.dataset_report(store, egress=args.egress)
+        rep["uri"] = args.path
+        rep.update(kind="dataset", egress=args.egress, prices=cost.PRICES["source"])
+        if args.json:
+            print(json.dumps(rep, indent=1))
+            return 0
+        out = [f"{args.path}: bams3 dataset, {rep['records']:,} records, {rep['chunks']} chunk(s), "
+               f"{rep['objects']} object(s), {_mb(rep['bytes'])}",
+               f"storage: {_usd(rep['monthly_usd'])}/month"]
+        for cls, e in rep["by_class"].items():
+            out.append(f"  {cls}: {e['objects']} object(s), {_mb(e['bytes'])} ({_mb(e['billable_bytes'])} billed): "
+                       f"{_usd(e['usd'])}/month")
+        for cls, usd in rep["projected_monthly_usd"].items():
+            out.append(f"  with chunks in {cls}: {_usd(usd)}/month (transition once: "
+                       f"{_usd(rep['transition_usd'][cls])})")
+        rq = rep["region_query"]
+        out.append(f"1 kb region query (egress {args.egress}), cold cache: {_io(rq['cold'])}")
+        out.append(f"1 kb region query, warm cache: {_io(rq['warm'])}")
+        out.append(f"whole read: {_io(rep['whole_read'])}")
+        out.append(f"prices: {cost.PRICES['source']}")
+        print("\n".join(out))
+        return 0
+    est = pricing.source_estimate(args.path, chunk_bytes=args.chunk_size, **opts)
+    costs = cost.estimate_costs(est, egress=args.egress)
+    if args.json:
+        print(json.dumps(dict(est, kind="source", egress=args.egress, prices=cost.PRICES["source"], **costs), indent=1))
+        return 0
+    out = [f"{args.path}: {est['format'].upper()}, {_mb(est['source_bytes'])}, {est['records']:,} records "
+           f"({est['records_from']})",
+           f"estimated dataset: {_mb(est['dataset_bytes'])} in {est['chunks']} chunk(s) "
+           f"({est['dataset_bytes_per_record']:.1f} bytes/record; ratio {est['ratio_basis']}, measured by "
+           f"{est['ratio_source']})",
+           "storage per month: " + ", ".join(f"{c} {_usd(u)}" for c, u in costs["monthly_usd"].items()),
+           f"upload (PUT requests): {_usd(costs['upload_usd'])}",
+           f"whole read (egress {args.egress}): {_io(costs['whole_read'])}",
+           f"prices: {cost.PRICES['source']}"]
+    print("\n".join(out))
+    return 0
+
+
+def cmd_restore(args, argv) -> int:
+    from .store import s3admin
+
+    _require_s3(args.dataset, "restoring archived objects")
+    ds = _open_dataset(args)
+    keys = [c.key for c in ds.manifest.chunks]
+    with ds.store:
+        res = s3admin.restore_objects(ds.store, keys, days=args.days, tier=args.tier)
+    if args.json:
+        print(json.dumps(dict(res, dataset=args.dataset), indent=1))
+        return 0
+    archived = res["objects"] - res["readable"]
+    classes = ", ".join(f"{n} in {c}" for c, n in sorted(res["by_class"].items()))
+    print(f"bams3: {args.dataset}: {res['objects']} chunk(s), {archived} archived{f' ({classes})' if classes else ''}: "
+          f"{res['restored']} restored, {res['in_progress']} in progress, {res['requested']} requested now "
+          f"({args.tier}, {args.days} day(s)), {res['not_requested']} not requested; {res['readable']} not archived")
+    if res["in_progress"] or res["requested"]:
+        print("bams3: restores take minutes (Expedited) to hours (Standard, Bulk); run this command again "
+              "to see progress", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args, argv) -> int:
     from .demo import run_demo
 
@@ -267,6 +403,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-@", "--threads", type=int, default=2)
     _add_store_options(p, write=False)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("lifecycle", help="plan (or --apply) the S3 lifecycle rules for every dataset under a prefix",
+                       description="Plan the lifecycle rules for every dataset under s3://bucket/prefix: at most 4 "
+                                   "rules however many datasets (chunk and spill objects are tagged at upload; "
+                                   "manifest, index and header stay STANDARD). Dry run by default: prints the rules "
+                                   "and the changes as JSON. --apply merges them into the bucket's configuration "
+                                   "(other rules are kept; bams3's earlier rules under the prefix are replaced). "
+                                   "A value of 'off' leaves that rule out.", epilog=EPILOG_PATHS)
+    p.add_argument("prefix", metavar="s3://bucket/prefix")
+    p.add_argument("--apply", action="store_true", help="write the configuration to the bucket")
+    p.add_argument("--transition-ia-days", type=_days_or_off, default=30, metavar="N",
+                   help="chunks move to STANDARD_IA after N days (>= 30; default 30)")
+    p.add_argument("--transition-glacier-ir-days", type=_days_or_off, default=90, metavar="N",
+                   help="chunks move to GLACIER_IR after N days (default 90)")
+    p.add_argument("--expire-tmp-days", type=_days_or_off, default=7, metavar="N",
+                   help="spill leftovers of crashed conversions expire after N days (default 7)")
+    p.add_argument("--abort-multipart-days", type=_days_or_off, default=7, metavar="N",
+                   help="abort incomplete multipart uploads after N days (default 7)")
+    p.add_argument("--expire-noncurrent-days", type=_days_or_off, default=30, metavar="N",
+                   help="versioned buckets: noncurrent versions expire N days after replacement (default 30)")
+    p.add_argument("--s3-region", metavar="REGION", help="bucket region")
+    p.set_defaults(func=cmd_lifecycle, s3_concurrency=None)
+
+    p = sub.add_parser("cost", help="price a dataset, or estimate one from a BAM/CRAM/SAM before migrating",
+                       description="For a dataset: storage per class per month, a 1 kb region query (cold and warm "
+                                   "cache), a whole read and its egress. For a BAM/CRAM/SAM file (local or s3://): "
+                                   "the dataset it would become (from its record count and the benchmark's measured "
+                                   "size ratio) and what that costs. Prices: AWS us-east-1 list prices.",
+                       epilog=EPILOG_PATHS)
+    p.add_argument("path", help="a dataset (directory or s3://bucket/prefix) or a BAM/CRAM/SAM file")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--egress", choices=["internet", "inter-region", "same-region"], default="internet",
+                   help="where read bytes go (default internet)")
+    p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_BYTES, help=argparse.SUPPRESS)
+    p.add_argument("-@", "--threads", type=int, default=2, help=argparse.SUPPRESS)
+    _add_store_options(p, write=False)
+    p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("restore", help="restore a dataset's archived (GLACIER/DEEP_ARCHIVE) chunks; again: progress",
+                       description="Request a restore (RestoreObject) of every chunk of DATASET in GLACIER or "
+                                   "DEEP_ARCHIVE that has none yet, and report how many are restored, in progress "
+                                   "or not requested. Run it again to follow progress.", epilog=EPILOG_PATHS)
+    p.add_argument("dataset", metavar="DATASET", help="s3://bucket/prefix")
+    p.add_argument("--days", type=int, default=7, help="days the restored copies stay readable (default 7)")
+    p.add_argument("--tier", choices=["Standard", "Bulk", "Expedited"], default="Standard",
+                   help="retrieval tier (default Standard)")
+    p.add_argument("--json", action="store_true", help="the counts as one JSON object")
+    p.add_argument("-@", "--threads", type=int, default=2, help=argparse.SUPPRESS)
+    _add_store_options(p, write=False)
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("demo", help="run the whole pipeline on a local S3 endpoint with a generated sample",
                        description="Start a local S3 endpoint (moto, 127.0.0.1), generate a sample BAM, convert it "

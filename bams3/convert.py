@@ -81,7 +81,7 @@ class ExternalSorter:
         frames = []
         for b in batches:
             frames.extend(self._frames(b))
-        self.store.set(key, b"".join(frames))
+        self.store.set(key, b"".join(frames), kind="tmp")
         return key
 
     def _frames(self, batch: RecordBatch) -> list[bytes]:

@@ -37,7 +37,7 @@ from bams3core.regions import Region, RegionError, parse_region
 from bams3core.stats import StatsAccumulator, flagstat_counts
 
 from . import __version__
-from .errors import DatasetError, InputError, NotFound, PreconditionFailed
+from .errors import Archived, DatasetError, InputError, NotFound, PreconditionFailed
 from .store import Store
 
 _local = threading.local()
@@ -162,7 +162,7 @@ class DatasetWriter:
         self._swept()
         payload = chunk.payload()  # joined once and kept (a retried upload sends the same bytes)
         key = self.chunk_key(chunk.number)
-        info = self.store.set(key, payload, content_type="application/octet-stream")
+        info = self.store.set(key, payload, content_type="application/octet-stream", kind="chunk")
         ref = ObjectRef(key=key, size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
                         etag=info.etag if getattr(self.store, "supports_if_match", False) else None,
                         n_blocks=len(chunk.blocks), n_records=sum(b.n_records for b in chunk.blocks))
@@ -405,6 +405,11 @@ class Dataset:
         except PreconditionFailed:
             raise DatasetError(f"{self.store.uri}/{chunk.key} changed after the manifest was read "
                                "(dataset rewritten?); run the command again") from None
+        except Archived as e:
+            raise DatasetError(f"{self.store.uri}/{chunk.key}: chunk object is archived"
+                               f"{f' (storage class {e.storage_class})' if e.storage_class else ''} and "
+                               f"must be restored before it can be read; restore it with "
+                               f"`bams3 restore {self.store.uri}`") from None
         except NotFound:
             raise DatasetError(f"{self.store.uri}/{chunk.key}: missing chunk object (dataset rewritten "
                                "or damaged); run the command again or verify the dataset") from None

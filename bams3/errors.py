@@ -25,3 +25,9 @@ class NotFound(StoreError):
 
 class PreconditionFailed(StoreError):
     """A conditional read/write did not hold (object changed, or already exists)."""
+
+
+class Archived(StoreError):
+    """The object is in an archive storage class (GLACIER, DEEP_ARCHIVE) and not restored."""
+
+    storage_class: str | None = None

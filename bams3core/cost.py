@@ -24,6 +24,7 @@ every function through ``prices=`` rather than editing these numbers in place.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import statistics
 from typing import Iterable, Mapping, Sequence
@@ -219,6 +220,44 @@ def whole_read_io(read_sizes: Sequence[int], *, metadata_bytes: Sequence[int]) -
 
 
 # ---------------------------------------------------------------------------------------------
+# storage classes and object tags
+# ---------------------------------------------------------------------------------------------
+#: classes a chunk object may be written in (S3's PutObject ``StorageClass`` values bams3 accepts)
+STORAGE_CLASSES = ("STANDARD", "INTELLIGENT_TIERING", "STANDARD_IA", "ONEZONE_IA", "GLACIER_IR", "GLACIER",
+                   "DEEP_ARCHIVE")
+#: classes whose objects cannot be read before a RestoreObject
+ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+RESTORE_TIERS = ("Standard", "Bulk", "Expedited")
+
+#: object tag written on every chunk and spill object; lifecycle rules filter on it, so one
+#: rule per prefix covers every dataset (and every run) under it
+OBJECT_TAG = "bams3-object"
+TAG_CHUNK = "chunk"
+TAG_TMP = "tmp"
+
+
+def check_storage_class(storage_class: str) -> str:
+    """The S3 storage class name, upper-cased; ValueError (naming the valid ones) if unknown."""
+    cls = str(storage_class).strip().upper()
+    if cls not in STORAGE_CLASSES:
+        raise ValueError(f"unknown S3 storage class {storage_class!r}; valid classes: {', '.join(STORAGE_CLASSES)}")
+    return cls
+
+
+def restore_state(storage_class: str | None, restore_header: str | None) -> str:
+    """Where an object stands for reading, from HeadObject's ``StorageClass`` and ``Restore``:
+    "readable" (not archived), "restored" (archived, restored copy available), "in-progress"
+    (restore requested, not done) or "not-requested"."""
+    if normalize_class(storage_class) not in ARCHIVE_CLASSES:
+        return "readable"
+    if not restore_header:
+        return "not-requested"
+    if 'ongoing-request="true"' in restore_header.replace(" ", ""):
+        return "in-progress"
+    return "restored"
+
+
+# ---------------------------------------------------------------------------------------------
 # lifecycle rules (S3 API shape, as for put_bucket_lifecycle_configuration)
 # ---------------------------------------------------------------------------------------------
 def rule_id(kind: str, prefix: str) -> str:
@@ -230,11 +269,6 @@ def rule_id(kind: str, prefix: str) -> str:
     return f"{RULE_ID_PREFIX}:{kind}:{prefix[:200]}...{h}"
 
 
-def _join(prefix: str, rest: str) -> str:
-    prefix = prefix.strip("/")
-    return f"{prefix}/{rest}" if prefix else rest
-
-
 def _check_days(name: str, days: int | None, minimum: int = 1) -> None:
     if days is None:
         return
@@ -242,28 +276,51 @@ def _check_days(name: str, days: int | None, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be a whole number of days >= {minimum}, got {days!r}")
 
 
-def dataset_lifecycle_rules(dataset_prefix: str, run_id: str, *, ia_days: int | None = 30,
-                            glacier_ir_days: int | None = 90, tmp_expire_days: int | None = 7) -> list[dict]:
-    """Lifecycle rules for one dataset (keys relative to the bucket).
+def _key_prefix(prefix: str) -> str:
+    p = prefix.strip("/")
+    return p + "/" if p else ""
 
-    * ``chunks``: the chunk objects of the committed run (``<prefix>/data/<run_id>/chunks/``)
-      move to STANDARD_IA after ``ia_days`` and to GLACIER_IR after ``glacier_ir_days`` (either
-      may be None). Manifest, header and index objects stay in STANDARD: every query reads them.
-    * ``tmp``: spill runs under ``<prefix>/_tmp/`` left by a crashed conversion expire after
-      ``tmp_expire_days``.
 
-    Rule IDs are stable per dataset prefix, so a re-run (e.g. after ``--overwrite`` made a new
-    run) replaces the dataset's rules instead of adding more.
+def _tagged(prefix: str, value: str) -> dict:
+    tag = {"Key": OBJECT_TAG, "Value": value}
+    p = _key_prefix(prefix)
+    return {"And": {"Prefix": p, "Tags": [tag]}} if p else {"Tag": tag}
+
+
+def lifecycle_plan(prefix: str, *, ia_days: int | None = 30, glacier_ir_days: int | None = 90,
+                   tmp_expire_days: int | None = 7, abort_multipart_days: int | None = 7,
+                   versioned: bool = False, noncurrent_days: int | None = 30,
+                   names: Mapping[str, str] | None = None) -> list[dict]:
+    """The lifecycle rules for every bams3 dataset under ``prefix`` (bucket-relative; "" = the
+    whole bucket): at most 4 rules, however many datasets and runs live there.
+
+    Rules filter on the prefix and on the object tag ``bams3-object`` that bams3 writes on
+    chunk objects (``chunk``) and spill objects (``tmp``); manifest, index and header objects
+    carry no tag, so no transition ever touches them (every query reads them: they stay STANDARD).
+
+    * ``bams3:chunks:<prefix>``: chunks move to STANDARD_IA after ``ia_days`` and to
+      GLACIER_IR after ``glacier_ir_days`` (either may be None);
+    * ``bams3:tmp:<prefix>``: spill objects left by a crashed conversion expire after ``tmp_expire_days``;
+    * ``bams3:abort-multipart:<prefix>``: incomplete multipart uploads are aborted after
+      ``abort_multipart_days`` (S3 allows no tag filter on this action);
+    * ``bams3:noncurrent:<prefix>`` (``versioned`` buckets only): noncurrent versions (what
+      ``--overwrite`` and deletes leave behind) expire ``noncurrent_days`` after they became
+      noncurrent, and expired delete markers are removed.
+
+    ``names`` renames the parameters in error messages (e.g. to the CLI's option names).
     """
-    _check_days("ia_days", ia_days, MIN_DAYS_BEFORE_IA)
-    _check_days("glacier_ir_days", glacier_ir_days, 0)
-    _check_days("tmp_expire_days", tmp_expire_days)
+    n = {k: k for k in ("ia_days", "glacier_ir_days", "tmp_expire_days", "abort_multipart_days", "noncurrent_days")}
+    n.update(names or {})
+    _check_days(n["ia_days"], ia_days, MIN_DAYS_BEFORE_IA)
+    _check_days(n["glacier_ir_days"], glacier_ir_days, 0)
+    _check_days(n["tmp_expire_days"], tmp_expire_days)
+    _check_days(n["abort_multipart_days"], abort_multipart_days)
+    _check_days(n["noncurrent_days"], noncurrent_days)
     if ia_days is not None and glacier_ir_days is not None and glacier_ir_days < ia_days + MIN_DAYS_IA_BEFORE_NEXT:
-        raise ValueError(f"glacier_ir_days ({glacier_ir_days}) must be at least ia_days + "
+        raise ValueError(f"{n['glacier_ir_days']} ({glacier_ir_days}) must be at least {n['ia_days']} + "
                          f"{MIN_DAYS_IA_BEFORE_NEXT} ({ia_days + MIN_DAYS_IA_BEFORE_NEXT}): S3 keeps "
                          "objects 30 days in STANDARD_IA before the next transition")
-    if not run_id:
-        raise ValueError("run_id is empty")
+    p = prefix.strip("/")
     rules = []
     transitions = []
     if ia_days is not None:
@@ -271,31 +328,59 @@ def dataset_lifecycle_rules(dataset_prefix: str, run_id: str, *, ia_days: int | 
     if glacier_ir_days is not None:
         transitions.append({"Days": glacier_ir_days, "StorageClass": "GLACIER_IR"})
     if transitions:
-        rules.append({"ID": rule_id("chunks", dataset_prefix.strip("/")), "Status": "Enabled",
-                      "Filter": {"Prefix": _join(dataset_prefix, f"data/{run_id}/chunks/")},
+        rules.append({"ID": rule_id("chunks", p), "Status": "Enabled", "Filter": _tagged(p, TAG_CHUNK),
                       "Transitions": transitions})
     if tmp_expire_days is not None:
-        rules.append({"ID": rule_id("tmp", dataset_prefix.strip("/")), "Status": "Enabled",
-                      "Filter": {"Prefix": _join(dataset_prefix, "_tmp/")},
+        rules.append({"ID": rule_id("tmp", p), "Status": "Enabled", "Filter": _tagged(p, TAG_TMP),
                       "Expiration": {"Days": tmp_expire_days}})
+    if abort_multipart_days is not None:
+        rules.append({"ID": rule_id("abort-multipart", p), "Status": "Enabled", "Filter": {"Prefix": _key_prefix(p)},
+                      "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": abort_multipart_days}})
+    if versioned and noncurrent_days is not None:
+        rules.append({"ID": rule_id("noncurrent", p), "Status": "Enabled", "Filter": {"Prefix": _key_prefix(p)},
+                      "NoncurrentVersionExpiration": {"NoncurrentDays": noncurrent_days},
+                      "Expiration": {"ExpiredObjectDeleteMarker": True}})
     return rules
 
 
-def abort_multipart_rule(prefix: str, days: int) -> dict:
-    """Abort multipart uploads under ``prefix`` left incomplete for ``days`` days."""
-    _check_days("abort_multipart_days", days)
-    p = prefix.strip("/")
-    return {"ID": rule_id("abort-multipart", p), "Status": "Enabled",
-            "Filter": {"Prefix": p + "/" if p else ""},
-            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": days}}
+def rule_prefix(rule: Mapping) -> str:
+    """The key prefix a rule applies to ("" = whole bucket), whatever its filter's shape."""
+    f = rule.get("Filter")
+    if f is None:
+        return rule.get("Prefix", "") or ""
+    if "And" in f:
+        return f["And"].get("Prefix", "") or ""
+    return f.get("Prefix", "") or ""
 
 
-def merge_lifecycle_rules(existing: Sequence[Mapping], new: Sequence[Mapping]) -> list[dict]:
-    """The bucket's rules with ``new`` merged in by ID.
+def rule_tags(rule: Mapping) -> dict[str, str]:
+    f = rule.get("Filter") or {}
+    tags = f.get("And", {}).get("Tags", []) if "And" in f else ([f["Tag"]] if "Tag" in f else [])
+    return {t["Key"]: t["Value"] for t in tags}
+
+
+def rule_applies(rule: Mapping, key: str, tags: Mapping[str, str] | None = None) -> bool:
+    """Does an (enabled) rule's filter select the object ``key`` with ``tags``? (Size filters
+    are not considered.)"""
+    if rule.get("Status", "Enabled") != "Enabled":
+        return False
+    tags = tags or {}
+    return key.startswith(rule_prefix(rule)) and all(tags.get(k) == v for k, v in rule_tags(rule).items())
+
+
+def is_bams3_rule(rule: Mapping) -> bool:
+    return str(rule.get("ID", "")).startswith(RULE_ID_PREFIX + ":")
+
+
+def merge_lifecycle_rules(existing: Sequence[Mapping], new: Sequence[Mapping], *,
+                          replace_under: str | None = None) -> list[dict]:
+    """The bucket's rules with ``new`` merged in.
 
     A bucket has one lifecycle configuration and PutBucketLifecycleConfiguration replaces all
     of it, so: rules with an ID in ``new`` are replaced in place, other existing rules are kept
-    unchanged (and in order), and new IDs are appended.
+    unchanged (and in order), and new IDs are appended. With ``replace_under`` (a prefix),
+    bams3's own earlier rules (ID ``bams3:...``) for keys under that prefix are dropped too:
+    the plan for the prefix supersedes them (e.g. the per-dataset rules of older versions).
     """
     new_by_id: dict[str, dict] = {}
     for r in new:
@@ -303,6 +388,7 @@ def merge_lifecycle_rules(existing: Sequence[Mapping], new: Sequence[Mapping]) -
         if not rid:
             raise ValueError("every new lifecycle rule needs an ID")
         new_by_id[rid] = dict(r)
+    under = None if replace_under is None else _key_prefix(replace_under)
     out: list[dict] = []
     seen = set()
     for r in existing:
@@ -311,6 +397,8 @@ def merge_lifecycle_rules(existing: Sequence[Mapping], new: Sequence[Mapping]) -
             if rid not in seen:
                 out.append(new_by_id[rid])
                 seen.add(rid)
+        elif under is not None and is_bams3_rule(r) and rule_prefix(r).startswith(under):
+            continue
         else:
             out.append(dict(r))
     out.extend(r for rid, r in new_by_id.items() if rid not in seen)
@@ -318,6 +406,21 @@ def merge_lifecycle_rules(existing: Sequence[Mapping], new: Sequence[Mapping]) -
         raise ValueError(f"a bucket allows at most {MAX_LIFECYCLE_RULES} lifecycle rules; "
                          f"this configuration would have {len(out)}")
     return out
+
+
+def lifecycle_changes(existing: Sequence[Mapping], merged: Sequence[Mapping]) -> dict:
+    """What writing ``merged`` over ``existing`` changes, by rule ID: added, replaced (same ID,
+    different content), removed, unchanged."""
+    old = {r.get("ID"): r for r in existing}
+    new = {r.get("ID"): r for r in merged}
+    return {"added": [i for i in new if i not in old],
+            "replaced": [i for i in new if i in old and _canon(old[i]) != _canon(new[i])],
+            "removed": [i for i in old if i not in new],
+            "unchanged": [i for i in new if i in old and _canon(old[i]) == _canon(new[i])]}
+
+
+def _canon(rule: Mapping):
+    return json.dumps(rule, sort_keys=True, default=str)
 
 
 def projected_storage_cost(chunk_sizes: Sequence[int], other_sizes: Sequence[int], chunk_class: str,
@@ -337,3 +440,131 @@ def fmt_usd(x: float | None) -> str:
         return f"${x:,.2f}"
     digits = max(2, -int(math.floor(math.log10(abs(x)))) + 2)
     return f"${x:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# one dataset: the numbers the storage report and `bams3 cost` show
+# ---------------------------------------------------------------------------------------------
+def dataset_costs(prefix: str, objects: Sequence[tuple[str, int, str | None]], prof: Mapping, *,
+                  egress: str = "internet", prices: Mapping = PRICES) -> dict:
+    """Storage per class per month, a ~1 kb region query (cold and warm), a whole read, and
+    the projected storage with chunks in STANDARD_IA / GLACIER_IR, for one dataset.
+
+    ``objects``: ``(key, size, storage_class)`` of every object under the dataset prefix (keys
+    relative to it); ``prof``: what its index says queries read (``bams3.ops.profile``).
+    """
+    storage_cost = monthly_storage_cost(((size, sc) for _k, size, sc in objects), prices)
+    chunk_keys = set(prof["chunk_keys"])
+    chunks = [(k, size, normalize_class(sc)) for k, size, sc in objects if k in chunk_keys]
+    others = [(k, size, normalize_class(sc)) for k, size, sc in objects if k not in chunk_keys]
+    by_class: dict[str, int] = {}
+    for _k, size, sc in chunks:
+        by_class[sc] = by_class.get(sc, 0) + size
+    chunk_class = max(by_class, key=by_class.get) if by_class else "STANDARD"
+    meta_class = "STANDARD"
+
+    rq = region_query_io(prof["block_lengths"], manifest_bytes=prof["manifest_bytes"],
+                         index_bytes=prof["index_page_bytes"])
+    warm = read_cost(rq["warm"]["requests"], rq["warm"]["bytes"], chunk_class, egress=egress, prices=prices)
+    meta_req = rq["cold"]["requests"] - rq["warm"]["requests"]
+    meta_bytes = rq["cold"]["bytes"] - rq["warm"]["bytes"]
+    cold = _add(warm, read_cost(meta_req, meta_bytes, meta_class, egress=egress, prices=prices))
+
+    metadata = [prof["manifest_bytes"], prof["header_bytes"], *prof["index_bytes"]]
+    whole = _add(read_cost(len(prof["whole_read_sizes"]), sum(prof["whole_read_sizes"]), chunk_class,
+                           egress=egress, prices=prices),
+                 read_cost(len(metadata), sum(metadata), meta_class, egress=egress, prices=prices))
+
+    chunk_sizes = [s for _k, s, _c in chunks]
+    other_sizes = [s for _k, s, _c in others]
+    return {
+        "prefix": prefix,
+        "run_id": prof["run_id"],
+        "records": prof["records"],
+        "chunks": prof["chunks"],
+        "blocks": prof["blocks"],
+        "objects": storage_cost["objects"],
+        "bytes": storage_cost["bytes"],
+        "by_class": storage_cost["by_class"],
+        "monthly_usd": storage_cost["usd"],
+        "chunk_class": chunk_class,
+        "region_query": {"median_block_bytes": rq["median_block_bytes"], "warm": warm, "cold": cold},
+        "whole_read": whole,
+        "projected_monthly_usd": {c: projected_storage_cost(chunk_sizes, other_sizes, c, prices)
+                                  for c in ("STANDARD_IA", "GLACIER_IR")},
+        "transition_usd": {c: transition_cost(len(chunks), c, prices) for c in ("STANDARD_IA", "GLACIER_IR")},
+    }
+
+
+def _add(a: dict | None, b: dict | None) -> dict | None:
+    if a is None or b is None:
+        return None
+    return {k: a[k] + b[k] for k in a}
+
+
+# ---------------------------------------------------------------------------------------------
+# before a migration: a dataset's size from its source file
+# ---------------------------------------------------------------------------------------------
+#: Measured by the benchmark (bench/results/latest.md, git f110fb8, 2026-12-01): 1,024,614
+#: records of 2 x 150 bp paired reads (binned qualities); BAM 65.85 MiB, CRAM 3.0 (with
+#: reference) 25.31 MiB -> dataset 34.85 MiB.
+BENCH = {"records": 1_024_614, "bam_bytes": int(65.85 * (1 << 20)), "cram_bytes": int(25.31 * (1 << 20)),
+         "dataset_bytes": int(34.85 * (1 << 20)),
+         "source": "the benchmark (bench/results/latest.md, 2026-12-01, git f110fb8): 1,024,614 records of "
+                   "2x150 bp reads; BAM 65.85 MiB, CRAM 3.0 25.31 MiB -> dataset 34.85 MiB"}
+#: dataset bytes per source byte: the benchmark's "dataset bytes vs BAM" (0.529x) and vs CRAM 3.0 (1.38x)
+RATIO = {"bam": BENCH["dataset_bytes"] / BENCH["bam_bytes"], "cram": BENCH["dataset_bytes"] / BENCH["cram_bytes"]}
+DATASET_VS_BAM = RATIO["bam"]
+#: per record in the benchmark: BAM bytes (to count the records of an unindexed BAM) and
+#: dataset bytes (for SAM input, whose size says little about the binary record size)
+BAM_BYTES_PER_RECORD = BENCH["bam_bytes"] / BENCH["records"]
+DATASET_BYTES_PER_RECORD = BENCH["dataset_bytes"] / BENCH["records"]
+
+
+def estimate_dataset(fmt: str, source_bytes: int, records: int | None, *, records_from: str,
+                     chunk_bytes: int = 16 << 20) -> dict:
+    """What a BAM/CRAM/SAM file becomes as a dataset, from its record count and a measured ratio.
+
+    ``records``: exact when read from the BAI/CSI or idxstats or counted (``records_from`` says
+    where it came from); None estimates it from the file size at the benchmark's
+    :data:`BAM_BYTES_PER_RECORD` (BAM) or the CRAM ratio (CRAM). Dataset bytes: BAM and CRAM:
+    the file size x the benchmark's measured ratio (:data:`RATIO`: 0.529x of BAM, 1.38x of
+    CRAM 3.0), i.e. records x the file's own bytes per record x the ratio; SAM: records x the
+    benchmark's :data:`DATASET_BYTES_PER_RECORD`. Chunks: ``chunk_bytes`` each.
+    """
+    fmt = fmt.lower()
+    if fmt not in ("bam", "cram", "sam"):
+        raise ValueError(f"cannot estimate a dataset from {fmt!r} input (BAM, CRAM or SAM)")
+    if fmt == "sam":
+        if records is None:
+            raise ValueError("SAM input needs a record count")
+        ratio, basis = DATASET_BYTES_PER_RECORD, f"{DATASET_BYTES_PER_RECORD:.2f} dataset bytes per record"
+        dataset_bytes = int(round(records * ratio))
+    else:
+        ratio, basis = RATIO[fmt], f"{RATIO[fmt]:.3f}x of {fmt.upper()}"
+        dataset_bytes = int(round(source_bytes * ratio))
+        if records is None:
+            records = int(round(dataset_bytes / DATASET_BYTES_PER_RECORD))
+            records_from = "estimated from the file size (the benchmark's bytes per record)"
+    n_chunks = max(1, -(-dataset_bytes // chunk_bytes)) if dataset_bytes else 0
+    return {"format": fmt, "source_bytes": int(source_bytes), "records": int(records), "records_from": records_from,
+            "ratio": ratio, "ratio_basis": basis, "ratio_source": BENCH["source"],
+            "dataset_bytes": dataset_bytes,
+            "dataset_bytes_per_record": dataset_bytes / records if records else 0.0, "chunks": n_chunks}
+
+
+def estimate_costs(est: Mapping, *, egress: str = "internet", prices: Mapping = PRICES) -> dict:
+    """Monthly storage of an estimated dataset (:func:`estimate_dataset`) with its chunks in
+    each readable class (manifest, header, index in STANDARD: 3 objects of 4 KiB counted), the
+    one-time upload (PUT) cost, and a whole read."""
+    n = est["chunks"]
+    sizes = [est["dataset_bytes"] // n] * n if n else []
+    if n:
+        sizes[-1] += est["dataset_bytes"] - sum(sizes)
+    meta = [4096, 4096, 4096]
+    storage = {c: projected_storage_cost(sizes, meta, c, prices)
+               for c in ("STANDARD", "INTELLIGENT_TIERING", "STANDARD_IA", "GLACIER_IR")}
+    return {"monthly_usd": storage,
+            "upload_usd": (n + len(meta)) / 1000 * prices["put_per_1000"]["STANDARD"],
+            "whole_read": read_cost(n + len(meta), est["dataset_bytes"] + sum(meta), "STANDARD", egress=egress,
+                                    prices=prices)}

@@ -5,11 +5,14 @@ transfer cost of typical reads (a ~1 kb region query, cold and warm; a whole-dat
 what the storage would cost once chunks moved to STANDARD_IA / GLACIER_IR. Prices and the
 arithmetic live in :mod:`bams3core.cost` (pure functions, tested on their own).
 
-Lifecycle (dry run unless ``apply_lifecycle=True``): per dataset, its chunk objects move to
-STANDARD_IA after ``transition_ia_days`` and GLACIER_IR after ``transition_glacier_ir_days``,
-its ``_tmp/`` spill leftovers expire after ``expire_tmp_days``; incomplete multipart uploads
-under the target prefix are aborted after ``abort_multipart_days``. The rules are merged by ID
-into the bucket's existing configuration (other rules are kept).
+Lifecycle (dry run unless ``apply_lifecycle=True``): the plan of :func:`bams3core.cost.lifecycle_plan`
+for the target prefix, the same as ``bams3 lifecycle``: at most 4 rules however many datasets
+live under it (they filter on the ``bams3-object`` tag of chunk and spill objects): chunks move to
+STANDARD_IA after ``transition_ia_days`` and GLACIER_IR after ``transition_glacier_ir_days``, spill
+leftovers expire after ``expire_tmp_days``, incomplete multipart uploads are aborted after
+``abort_multipart_days`` and, in a versioned bucket, noncurrent versions expire after
+``expire_noncurrent_days``. The rules are merged by ID into the bucket's existing configuration
+(other rules are kept; bams3's own earlier rules under the prefix are replaced).
 """
 
 from __future__ import annotations
@@ -33,56 +36,7 @@ from flows.common import (artifact_key, aws_options, human_bytes, is_s3, join_ur
 Egress = Literal["internet", "inter-region", "same-region"]
 
 
-def dataset_costs(prefix: str, objects: list[tuple[str, int, str]], prof: dict, *, egress: str = "internet",
-                  prices: dict = cost.PRICES) -> dict:
-    """The numbers for one dataset from its object listing and its :func:`tasks.profile`."""
-    storage_cost = cost.monthly_storage_cost(((size, sc) for _k, size, sc in objects), prices)
-    chunk_keys = set(prof["chunk_keys"])
-    chunks = [(k, size, cost.normalize_class(sc)) for k, size, sc in objects if k in chunk_keys]
-    others = [(k, size, cost.normalize_class(sc)) for k, size, sc in objects if k not in chunk_keys]
-    by_class: dict[str, int] = {}
-    for _k, size, sc in chunks:
-        by_class[sc] = by_class.get(sc, 0) + size
-    chunk_class = max(by_class, key=by_class.get) if by_class else "STANDARD"
-    meta_class = "STANDARD"
-
-    rq = cost.region_query_io(prof["block_lengths"], manifest_bytes=prof["manifest_bytes"],
-                              index_bytes=prof["index_page_bytes"])
-    warm = cost.read_cost(rq["warm"]["requests"], rq["warm"]["bytes"], chunk_class, egress=egress, prices=prices)
-    meta_req = rq["cold"]["requests"] - rq["warm"]["requests"]
-    meta_bytes = rq["cold"]["bytes"] - rq["warm"]["bytes"]
-    cold = _add(warm, cost.read_cost(meta_req, meta_bytes, meta_class, egress=egress, prices=prices))
-
-    metadata = [prof["manifest_bytes"], prof["header_bytes"], *prof["index_bytes"]]
-    whole = _add(cost.read_cost(len(prof["whole_read_sizes"]), sum(prof["whole_read_sizes"]), chunk_class,
-                                egress=egress, prices=prices),
-                 cost.read_cost(len(metadata), sum(metadata), meta_class, egress=egress, prices=prices))
-
-    chunk_sizes = [s for _k, s, _c in chunks]
-    other_sizes = [s for _k, s, _c in others]
-    return {
-        "prefix": prefix,
-        "run_id": prof["run_id"],
-        "records": prof["records"],
-        "chunks": prof["chunks"],
-        "blocks": prof["blocks"],
-        "objects": storage_cost["objects"],
-        "bytes": storage_cost["bytes"],
-        "by_class": storage_cost["by_class"],
-        "monthly_usd": storage_cost["usd"],
-        "chunk_class": chunk_class,
-        "region_query": {"median_block_bytes": rq["median_block_bytes"], "warm": warm, "cold": cold},
-        "whole_read": whole,
-        "projected_monthly_usd": {c: cost.projected_storage_cost(chunk_sizes, other_sizes, c, prices)
-                                  for c in ("STANDARD_IA", "GLACIER_IR")},
-        "transition_usd": {c: cost.transition_cost(len(chunks), c, prices) for c in ("STANDARD_IA", "GLACIER_IR")},
-    }
-
-
-def _add(a: dict | None, b: dict | None) -> dict | None:
-    if a is None or b is None:
-        return None
-    return {k: a[k] + b[k] for k in a}
+dataset_costs = cost.dataset_costs  # the numbers for one dataset (shared with `bams3 cost`)
 
 
 @flow(name="storage-report", task_runner=ThreadPoolTaskRunner(max_workers=4))
@@ -93,6 +47,7 @@ def storage_report(
     transition_glacier_ir_days: int | None = 90,
     expire_tmp_days: int | None = 7,
     abort_multipart_days: int | None = 7,
+    expire_noncurrent_days: int | None = 30,
     egress: Egress = "internet",
     region: str | None = None,
     aws_credentials_block: str | None = None,
@@ -100,15 +55,16 @@ def storage_report(
     """Storage and query costs of the dataset at ``dataset`` or of every dataset under that
     prefix (default: the Prefect variable ``bams3_datasets``), and the lifecycle policy for
     them: written to the bucket only with ``apply_lifecycle=True`` (default: dry run).
-    Any ``*_days`` set to None leaves that rule out. ``egress``: where query bytes go."""
+    Any ``*_days`` set to None leaves that rule out; ``expire_noncurrent_days`` applies to
+    versioned buckets only. ``egress``: where query bytes go."""
     log = get_run_logger()
     target = resolve_target(dataset)
-    try:
-        dataset_rules = {}  # validate the lifecycle parameters before any work
-        cost.dataset_lifecycle_rules("x", "r", ia_days=transition_ia_days, glacier_ir_days=transition_glacier_ir_days,
-                                     tmp_expire_days=expire_tmp_days)
-        if abort_multipart_days is not None:
-            cost.abort_multipart_rule("", abort_multipart_days)
+    try:  # validate the lifecycle parameters before any work
+        cost.lifecycle_plan("", ia_days=transition_ia_days, glacier_ir_days=transition_glacier_ir_days,
+                            tmp_expire_days=expire_tmp_days, abort_multipart_days=abort_multipart_days,
+                            noncurrent_days=expire_noncurrent_days,
+                            names={"ia_days": "transition_ia_days", "glacier_ir_days": "transition_glacier_ir_days",
+                                   "tmp_expire_days": "expire_tmp_days", "noncurrent_days": "expire_noncurrent_days"})
     except ValueError as e:
         raise InputError(str(e)) from None
     aws = aws_options(aws_credentials_block, region)
@@ -135,18 +91,15 @@ def storage_report(
         lifecycle = None
         if is_s3(target):
             _s, _bucket, root_prefix = parse_uri(target)
-            rules = []
-            for r in reports:
-                full = "/".join(x for x in (root_prefix, r["prefix"]) if x)
-                dataset_rules[full] = cost.dataset_lifecycle_rules(
-                    full, r["run_id"], ia_days=transition_ia_days, glacier_ir_days=transition_glacier_ir_days,
-                    tmp_expire_days=expire_tmp_days)
-                rules += dataset_rules[full]
-            if abort_multipart_days is not None:
-                rules.append(cost.abort_multipart_rule(root_prefix, abort_multipart_days))
+            is_versioned = storage.versioned(root)
+            rules = cost.lifecycle_plan(root_prefix, ia_days=transition_ia_days,
+                                        glacier_ir_days=transition_glacier_ir_days, tmp_expire_days=expire_tmp_days,
+                                        abort_multipart_days=abort_multipart_days, versioned=is_versioned,
+                                        noncurrent_days=expire_noncurrent_days)
             if rules:
-                lifecycle = storage.lifecycle(root, rules, apply=apply_lifecycle)
+                lifecycle = storage.lifecycle(root, rules, apply=apply_lifecycle, replace_under=root_prefix)
                 lifecycle["rules"] = rules
+                lifecycle["versioned"] = is_versioned
         else:
             log.info("%s is a local directory: no lifecycle policy", target)
 
@@ -182,9 +135,10 @@ def _publish(res: dict) -> None:
     if lc:
         state = "applied to" if lc["applied"] else "dry run (apply_lifecycle=true writes them) for"
         lines.append(f"\n## Lifecycle rules: {state} bucket `{lc['bucket']}`\n")
-        rows = [[f"`{r['ID']}`", f"`{r['Filter']['Prefix']}`" if r["Filter"].get("Prefix") else "(whole bucket)",
-                 _actions(r)] for r in lc["rules"]]
-        lines.append(md_table(["Rule", "Prefix", "Actions"], rows))
+        rows = [[f"`{r['ID']}`", f"`{cost.rule_prefix(r)}`" if cost.rule_prefix(r) else "(whole bucket)",
+                 ", ".join(f"`{k}={v}`" for k, v in cost.rule_tags(r).items()) or "(any)", _actions(r)]
+                for r in lc["rules"]]
+        lines.append(md_table(["Rule", "Prefix", "Tags", "Actions"], rows))
         lines.append(f"\nThe bucket {'now has' if lc['applied'] else 'would have'} {len(lc['merged'])} rule(s) "
                      f"({len(lc['merged']) - len(lc['rules'])} existing rule(s) kept).\n")
     create_markdown_artifact(markdown="\n".join(lines) + "\n", key=artifact_key("storage", res["target"]),
@@ -199,8 +153,12 @@ def _q(c: dict | None) -> str:
 
 def _actions(rule: dict) -> str:
     out = [f"{t['StorageClass']} after {t['Days']} d" for t in rule.get("Transitions", [])]
-    if "Expiration" in rule:
+    if "Days" in rule.get("Expiration", {}):
         out.append(f"expire after {rule['Expiration']['Days']} d")
+    if "NoncurrentVersionExpiration" in rule:
+        out.append(f"expire noncurrent versions after {rule['NoncurrentVersionExpiration']['NoncurrentDays']} d")
+    if rule.get("Expiration", {}).get("ExpiredObjectDeleteMarker"):
+        out.append("remove expired delete markers")
     if "AbortIncompleteMultipartUpload" in rule:
         out.append(f"abort incomplete multipart uploads after {rule['AbortIncompleteMultipartUpload']['DaysAfterInitiation']} d")
     return "; ".join(out)

@@ -6,20 +6,15 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from bams3.dataset import Dataset, _split_reads
+from bams3 import pricing
 from bams3.store import Store
-from bams3core.cost import merge_lifecycle_rules
+from bams3.store import s3admin
 from bams3core.index import MANIFEST_KEY
-from bams3core.query import plan_reads
 
 from .pipeline import TAG_READ
 from .retry import retry_options
 
 _NO_CACHE = dict(cache_policy=NONE, persist_result=False)
-
-# what `bams3 query DATASET` (every record) does: merge reads over gaps < 1 MiB, split > 8 MiB
-WHOLE_READ_MAX_GAP = 1 << 20
-WHOLE_READ_MAX_BYTES = 8 << 20
 
 
 def dataset_prefixes(keys) -> list[str]:
@@ -75,64 +70,29 @@ def inventory(store: Store) -> dict:
 @task(name="profile", tags=[TAG_READ], **retry_options(), **_NO_CACHE)
 def profile(store: Store) -> dict:
     """What queries of this dataset read: block sizes from its index, and the range reads a
-    whole-dataset read makes (planned exactly as the reader plans them)."""
-    ds = Dataset.open(store, refresh=True)
-    m = ds.manifest
-    rows = ds.all_rows()
-    reads = _split_reads(plan_reads(rows, max_gap=WHOLE_READ_MAX_GAP), max_bytes=WHOLE_READ_MAX_BYTES)
-    manifest_bytes = store.head(MANIFEST_KEY).size
-    return {
-        "uri": store.uri,
-        "run_id": m.run_id,
-        "records": m.n_records,
-        "source": m.source,
-        "chunks": len(m.chunks),
-        "chunk_keys": [c.key for c in m.chunks],
-        "chunk_bytes": [c.size for c in m.chunks],
-        "blocks": int(len(rows)),
-        "block_lengths": [int(x) for x in rows["length"]],
-        "manifest_bytes": manifest_bytes,
-        "header_bytes": m.header.size,
-        "index_bytes": [ix.size for ix in m.index],
-        # what a small region query reads of an index: one page (the whole object if unpaged)
-        "index_page_bytes": [p[1] for ix in m.index for p in (ix.pages or [[0, ix.size]])],
-        "whole_read_sizes": [rr.size for rr in reads],
-    }
+    whole-dataset read makes (:func:`bams3.pricing.profile`)."""
+    return pricing.profile(store)
+
+
+@task(name="versioned", tags=[TAG_READ], **retry_options(), **_NO_CACHE)
+def versioned(store) -> bool:
+    """Is versioning enabled (or suspended) on the S3 store's bucket?"""
+    return s3admin.is_versioned(store)
 
 
 @task(name="lifecycle", **retry_options(), **_NO_CACHE)
-def lifecycle(store, rules: list[dict], apply: bool = False) -> dict:
+def lifecycle(store, rules: list[dict], apply: bool = False, replace_under: str | None = None) -> dict:
     """Merge ``rules`` into the bucket's lifecycle configuration by rule ID (other rules are
-    kept: a PutBucketLifecycleConfiguration replaces the whole configuration) and, if
-    ``apply``, write it back. Returns the existing and the merged rule lists."""
-    import botocore.exceptions as bce
-
-    from bams3.store.s3 import translate_error
-
-    client = store.client
-    extra = {}
-    try:
-        resp = client.get_bucket_lifecycle_configuration(Bucket=store.bucket)
-        existing = resp.get("Rules", [])
-        if resp.get("TransitionDefaultMinimumObjectSize"):
-            extra["TransitionDefaultMinimumObjectSize"] = resp["TransitionDefaultMinimumObjectSize"]
-    except bce.ClientError as e:
-        if e.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
-            raise translate_error(e, bucket=store.bucket, op="GetBucketLifecycleConfiguration") from None
-        existing = []
-    except Exception as e:  # noqa: BLE001
-        raise translate_error(e, bucket=store.bucket, op="GetBucketLifecycleConfiguration") from None
-    merged = merge_lifecycle_rules(existing, rules)
+    kept: a PutBucketLifecycleConfiguration replaces the whole configuration; bams3's own
+    earlier rules under ``replace_under`` are superseded) and, if ``apply``, write it back.
+    Returns the existing and the merged rule lists and the changes."""
+    res = s3admin.lifecycle(store, rules, apply=apply, replace_under=replace_under)
+    merged = res["merged"]
     log = get_run_logger()
     if apply:
-        try:
-            client.put_bucket_lifecycle_configuration(Bucket=store.bucket,
-                                                      LifecycleConfiguration={"Rules": merged}, **extra)
-        except Exception as e:  # noqa: BLE001
-            raise translate_error(e, bucket=store.bucket, op="PutBucketLifecycleConfiguration") from None
         log.info("s3://%s: lifecycle configuration written: %d rule(s) (%d from bams3, %d kept)",
                  store.bucket, len(merged), len(rules), len(merged) - len(rules))
     else:
         log.info("s3://%s: dry run: would write %d lifecycle rule(s) (%d from bams3, %d kept)",
                  store.bucket, len(merged), len(rules), len(merged) - len(rules))
-    return {"bucket": store.bucket, "existing": existing, "merged": merged, "applied": bool(apply)}
+    return res

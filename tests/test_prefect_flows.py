@@ -222,28 +222,33 @@ def test_cost_model_by_hand():
 
 
 def test_lifecycle_rules_and_merge():
-    rules = cost.dataset_lifecycle_rules("proj/ds1", "abc123", ia_days=30, glacier_ir_days=120, tmp_expire_days=3)
-    chunks, tmp = rules
-    assert chunks["Filter"] == {"Prefix": "proj/ds1/data/abc123/chunks/"}
+    rules = cost.lifecycle_plan("proj", ia_days=30, glacier_ir_days=120, tmp_expire_days=3, abort_multipart_days=7)
+    chunks, tmp, mpu = rules
+    assert chunks["Filter"] == {"And": {"Prefix": "proj/", "Tags": [{"Key": "bams3-object", "Value": "chunk"}]}}
     assert chunks["Transitions"] == [{"Days": 30, "StorageClass": "STANDARD_IA"},
                                      {"Days": 120, "StorageClass": "GLACIER_IR"}]
-    assert tmp["Filter"] == {"Prefix": "proj/ds1/_tmp/"} and tmp["Expiration"] == {"Days": 3}
-    assert cost.dataset_lifecycle_rules("", "r", ia_days=None, glacier_ir_days=1, tmp_expire_days=None)[0][
-        "Filter"] == {"Prefix": "data/r/chunks/"}
-    mpu = cost.abort_multipart_rule("proj", 7)
+    assert tmp["Filter"]["And"]["Tags"] == [{"Key": "bams3-object", "Value": "tmp"}] and tmp["Expiration"] == {"Days": 3}
     assert mpu["Filter"] == {"Prefix": "proj/"} and mpu["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 7}
+    whole = cost.lifecycle_plan("", ia_days=None, glacier_ir_days=1, tmp_expire_days=None, abort_multipart_days=None)
+    assert whole[0]["Filter"] == {"Tag": {"Key": "bams3-object", "Value": "chunk"}}
     with pytest.raises(ValueError):
-        cost.dataset_lifecycle_rules("p", "r", ia_days=10)  # S3: >= 30 days before STANDARD_IA
+        cost.lifecycle_plan("p", ia_days=10)  # S3: >= 30 days before STANDARD_IA
     with pytest.raises(ValueError):
-        cost.dataset_lifecycle_rules("p", "r", ia_days=30, glacier_ir_days=45)  # 30 days in IA first
+        cost.lifecycle_plan("p", ia_days=30, glacier_ir_days=45)  # 30 days in IA first
     with pytest.raises(ValueError):
-        cost.abort_multipart_rule("p", 0)
+        cost.lifecycle_plan("p", abort_multipart_days=0)
     other = {"ID": "someone-elses", "Status": "Enabled", "Filter": {"Prefix": "logs/"}, "Expiration": {"Days": 9}}
-    old = dict(chunks, Filter={"Prefix": "proj/ds1/data/OLDRUN/chunks/"})
-    merged = cost.merge_lifecycle_rules([other, old], rules + [mpu])
-    assert [r["ID"] for r in merged] == ["someone-elses", chunks["ID"], tmp["ID"], mpu["ID"]]
-    assert merged[0] == other and merged[1]["Filter"]["Prefix"].endswith("abc123/chunks/")
-    assert cost.merge_lifecycle_rules(merged, rules + [mpu]) == merged  # idempotent
+    # a per-dataset rule of an older bams3 under the prefix is superseded; one elsewhere is kept
+    old = {"ID": "bams3:chunks:proj/ds1", "Status": "Enabled", "Filter": {"Prefix": "proj/ds1/data/OLDRUN/chunks/"},
+           "Transitions": [{"Days": 30, "StorageClass": "STANDARD_IA"}]}
+    elsewhere = dict(old, ID="bams3:chunks:projX/ds", Filter={"Prefix": "projX/ds/data/R/chunks/"})
+    merged = cost.merge_lifecycle_rules([other, old, elsewhere], rules, replace_under="proj")
+    assert [r["ID"] for r in merged] == ["someone-elses", "bams3:chunks:projX/ds", chunks["ID"], tmp["ID"], mpu["ID"]]
+    assert merged[0] == other
+    assert cost.merge_lifecycle_rules(merged, rules, replace_under="proj") == merged  # idempotent
+    ch = cost.lifecycle_changes([other, old, elsewhere], merged)
+    assert ch["removed"] == [old["ID"]] and ch["added"] == [chunks["ID"], tmp["ID"], mpu["ID"]]
+    assert ch["unchanged"] == ["someone-elses", "bams3:chunks:projX/ds"] and ch["replaced"] == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,11 +472,15 @@ def test_storage_report_by_hand_and_lifecycle(prefect_harness, s3_env, sample_ba
     rules = {r["ID"]: r for r in c.get_bucket_lifecycle_configuration(Bucket=s3_env.bucket)["Rules"]}
     assert set(rules) == {"keep-me", "bams3:chunks:cohort/ds", "bams3:tmp:cohort/ds", "bams3:abort-multipart:cohort/ds"}
     ch = rules["bams3:chunks:cohort/ds"]
-    assert ch["Filter"]["Prefix"] == f"cohort/ds/data/{m.run_id}/chunks/"
+    assert ch["Filter"]["And"] == {"Prefix": "cohort/ds/", "Tags": [{"Key": "bams3-object", "Value": "chunk"}]}
     assert [(t["Days"], t["StorageClass"]) for t in ch["Transitions"]] == [(30, "STANDARD_IA"), (90, "GLACIER_IR")]
     assert rules["bams3:tmp:cohort/ds"]["Expiration"]["Days"] == 3
-    assert rules["bams3:tmp:cohort/ds"]["Filter"]["Prefix"] == "cohort/ds/_tmp/"
+    assert rules["bams3:tmp:cohort/ds"]["Filter"]["And"]["Tags"] == [{"Key": "bams3-object", "Value": "tmp"}]
     assert rules["bams3:abort-multipart:cohort/ds"]["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] == 5
+    # the rules select the dataset's chunks (tagged at upload), never its metadata
+    for k in [c.key for c in m.chunks] + ["manifest.json", m.header.key] + [i.key for i in m.index]:
+        tags = {t["Key"]: t["Value"] for t in c.get_object_tagging(Bucket=s3_env.bucket, Key=f"cohort/ds/{k}")["TagSet"]}
+        assert cost.rule_applies(ch, f"cohort/ds/{k}", tags) == k.startswith(f"data/{m.run_id}/chunks/"), k
     assert rules["keep-me"]["Expiration"]["Days"] == 365
     # again: same rules, replaced by ID, none added
     storage_report(dataset=uri, apply_lifecycle=True, expire_tmp_days=3, abort_multipart_days=5)

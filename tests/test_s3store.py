@@ -187,7 +187,7 @@ def test_multipart_upload(s3_env, flaky_proxy):
     data = os.urandom(12 * MiB + 123)
     with make_store(s3_env, part_size=5 * MiB, concurrency=4, storage_class="STANDARD_IA",
                     sse="AES256") as st:
-        info = st.set("big.bin", data)
+        info = st.set("big.bin", data, kind="chunk")  # the storage class applies to chunks only
         assert info.etag.endswith("-3") and info.size == len(data)
         by_op = flaky_proxy.stats["by_op"]
         assert by_op == {"CreateMultipartUpload": 1, "UploadPart": 3,
@@ -197,6 +197,8 @@ def test_multipart_upload(s3_env, flaky_proxy):
         head = s3_env.client().head_object(Bucket=s3_env.bucket, Key="ds/big.bin")
         assert head["StorageClass"] == "STANDARD_IA"
         assert head["ServerSideEncryption"] == "AES256"
+        tags = s3_env.client().get_object_tagging(Bucket=s3_env.bucket, Key="ds/big.bin")["TagSet"]
+        assert tags == [{"Key": "bams3-object", "Value": "chunk"}]  # multipart uploads carry the tag too
         with st.open_read("big.bin") as f:
             assert f.read(5) == data[:5]
             assert f.read() == data[5:]

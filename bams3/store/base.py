@@ -105,10 +105,13 @@ class Store(abc.ABC):
     # -- writes --------------------------------------------------------------------------
     @abc.abstractmethod
     def set(self, key: str, data: bytes, *, if_none_match: bool = False,
-            content_type: str | None = None) -> ObjectInfo:
+            content_type: str | None = None, kind: str | None = None) -> ObjectInfo:
         """Write ``data`` at ``key`` atomically (readers never see a partial object).
 
         ``if_none_match=True`` fails with PreconditionFailed if ``key`` already exists.
+        ``kind``: what the object is to the dataset: ``"chunk"`` (data), ``"tmp"`` (spill), or
+        None (metadata). S3 writes chunks in the configured storage class and tags chunk and
+        spill objects (``bams3-object=chunk|tmp``) for lifecycle rules; metadata stays STANDARD.
         S3: multipart above the configured part size, retried with backoff.
         """
 

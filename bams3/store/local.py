@@ -73,7 +73,7 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise NotFound(f"{self._path(key)}: no such file") from None
 
-    def set(self, key, data, *, if_none_match=False, content_type=None):
+    def set(self, key, data, *, if_none_match=False, content_type=None, kind=None):
         path = self._path(key)
         d = os.path.dirname(path)
         try:

@@ -34,7 +34,9 @@ import botocore.exceptions as bce
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from ..errors import InputError, NotFound, PreconditionFailed, StoreError
+from bams3core.cost import OBJECT_TAG, TAG_CHUNK, TAG_TMP, check_storage_class
+
+from ..errors import Archived, InputError, NotFound, PreconditionFailed, StoreError
 from .base import ObjectInfo, Store
 from .cache import MetadataCache, default_cache_dir
 
@@ -223,6 +225,12 @@ def translate_error(exc: BaseException, *, bucket: str, key: str | None = None,
                                    f"{f' ({region})' if region else ''}; pass --s3-region with "
                                    f"the bucket's region (aws s3api get-bucket-location "
                                    f"--bucket {bucket})")
+        if code == "InvalidObjectState":  # a 403 too: before the access-denied case
+            sc = err.get("StorageClass") or "an archive class"
+            archived = msg(Archived, f"object is archived (storage class {sc}) and must be restored "
+                                     f"before it can be read; restore it with `bams3 restore DATASET`")
+            archived.storage_class = err.get("StorageClass")
+            return archived
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled",
                     "AccountProblem", "KMS.DisabledException", "KMS.NotFoundException") \
                 or code.startswith("KMS.") or status == 403:
@@ -233,10 +241,6 @@ def translate_error(exc: BaseException, *, bucket: str, key: str | None = None,
                     if op == "HeadObject" else "")
             return msg(StoreError, f"access denied ({op}); the credentials in use need {perm}"
                                    f"{extra}{hint}; check the IAM/bucket policy and AWS_PROFILE")
-        if code == "InvalidObjectState":
-            sc = err.get("StorageClass") or "an archive class"
-            return msg(StoreError, f"object is in storage class {sc} and must be restored "
-                                   f"before it can be read (aws s3api restore-object)")
         if code == "InvalidRange":
             return msg(StoreError, f"byte range is beyond the end of the object ({text}); "
                                    f"the dataset index may be corrupt")
@@ -331,7 +335,12 @@ class S3Store(Store):
             raise InputError(f"unknown S3 server-side encryption {sse!r}: use AES256 or aws:kms")
         if sse_kms_key_id and sse is None:
             sse = "aws:kms"
-        self.storage_class = storage_class
+        if storage_class is not None:
+            try:
+                storage_class = check_storage_class(storage_class)
+            except ValueError as e:
+                raise InputError(str(e)) from None
+        self.storage_class = storage_class  # for chunk objects only: metadata stays STANDARD
         self.sse = sse
         self.sse_kms_key_id = sse_kms_key_id
         self.checksum_algorithm = checksum_algorithm
@@ -654,12 +663,14 @@ class S3Store(Store):
         return io.BufferedReader(_S3RawReader(self, key), buffer_size=1 * MiB)
 
     # -- writes -----------------------------------------------------------------------------
-    def _extra_args(self, content_type: str | None) -> dict:
+    def _extra_args(self, content_type: str | None, kind: str | None = None) -> dict:
         extra = {}
         if content_type:
             extra["ContentType"] = content_type
-        if self.storage_class:
+        if self.storage_class and kind == TAG_CHUNK:
             extra["StorageClass"] = self.storage_class
+        if kind in (TAG_CHUNK, TAG_TMP):
+            extra["Tagging"] = f"{OBJECT_TAG}={kind}"
         if self.sse:
             extra["ServerSideEncryption"] = self.sse
         if self.sse_kms_key_id:
@@ -668,7 +679,7 @@ class S3Store(Store):
             extra["ChecksumAlgorithm"] = self.checksum_algorithm
         return extra
 
-    def set(self, key, data, *, if_none_match=False, content_type=None):
+    def set(self, key, data, *, if_none_match=False, content_type=None, kind=None):
         if isinstance(data, memoryview):
             data = data.tobytes()
         elif not isinstance(data, (bytes, bytearray)):
@@ -678,7 +689,7 @@ class S3Store(Store):
             content_type = "application/json" if key.endswith(".json") else \
                 "application/octet-stream"
         full = self._full(key)
-        extra = self._extra_args(content_type)
+        extra = self._extra_args(content_type, kind)
         if len(data) <= self.part_size:
             info = self._put(key, full, bytes(data), extra, if_none_match)
         else:
@@ -705,7 +716,7 @@ class S3Store(Store):
             raise self._err(e, full, "PutObject", full=True) from None
         return ObjectInfo(key=key, size=len(data), etag=_strip_etag(resp.get("ETag")),
                           version_id=resp.get("VersionId"),
-                          storage_class=self.storage_class or "STANDARD",
+                          storage_class=extra.get("StorageClass", "STANDARD"),
                           last_modified=time.time())
 
     def _multipart(self, key, full, data, extra: dict, if_none_match: bool) -> ObjectInfo:
@@ -734,7 +745,7 @@ class S3Store(Store):
         if done and done.get("ETag"):
             return ObjectInfo(key=key, size=len(data), etag=_strip_etag(done["ETag"]),
                               version_id=done.get("VersionId"),
-                              storage_class=self.storage_class or "STANDARD",
+                              storage_class=extra.get("StorageClass", "STANDARD"),
                               last_modified=time.time())
         return self.head(key)
 
