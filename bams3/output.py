@@ -140,7 +140,7 @@ def cannot_write(path: str, e: OSError) -> InputError:
     elif e.errno == errno.ENOTDIR:
         why = f"a component of {parent} is a file, not a directory"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why = f"{e.strerror} (is {parent} writable?)"
+        why = f"{e.strerror} ({path if os.path.exists(path) else parent} is not writable)"
     else:
         why = e.strerror or _one_line(e)
     return InputError(f"{path}: cannot write the output: {why}")
