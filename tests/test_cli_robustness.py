@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import stat
@@ -159,7 +160,6 @@ def test_feeder_error_wins(small):
     from bams3.errors import DatasetError
     from bams3.output import write_sam
     from bams3.store import LocalStore
-    import io
 
     ds = Dataset.open(LocalStore(str(small["ds"])))
 
