@@ -7,6 +7,7 @@ errors as one line on stderr with a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shlex
@@ -89,13 +90,20 @@ def cmd_convert(args, argv) -> int:
 def _open_dataset(args):
     from .dataset import Dataset
 
+    if not args.dataset.startswith("s3://") and os.path.isfile(args.dataset):
+        raise InputError(f"{args.dataset}: is a file, not a bams3 dataset (a directory or s3://bucket/prefix); "
+                         f"make one with: bams3 convert {shlex.quote(args.dataset)} DEST")
     store = _open_store(args.dataset, args, write=False)
     return Dataset.open(store, threads=args.threads)
 
 
 def cmd_query(args, argv) -> int:
-    from .output import write_bam, write_sam
+    from .output import check_writable, write_bam, write_sam
 
+    if args.output and args.output != "-":
+        check_writable(args.output)
+        if args.bam:
+            check_writable(args.output + ".bai")
     ds = _open_dataset(args)
     regions = [ds.parse_region(r) for r in args.regions] if args.regions else None
     if regions is not None and args.multi_region:
@@ -116,7 +124,7 @@ def cmd_query(args, argv) -> int:
     else:
         header = ds.bam_header() if args.with_header else ds.header
         if args.output and args.output != "-":
-            with open(args.output, "wb") as f:
+            with _open_output(args.output, "wb") as f:
                 write_sam(header, batches, f, with_header=args.with_header, pg_line=pg)
         else:
             write_sam(header, batches, sys.stdout.buffer, with_header=args.with_header, pg_line=pg)
@@ -128,9 +136,18 @@ def cmd_query(args, argv) -> int:
     return 0
 
 
+def _open_output(path: str, mode: str):
+    from .output import cannot_write
+
+    try:
+        return open(path, mode)
+    except OSError as e:
+        raise cannot_write(path, e) from None
+
+
 def _write_text(path, text: str) -> None:
     if path and path != "-":
-        with open(path, "w") as f:
+        with _open_output(path, "w") as f:
             f.write(text)
     else:
         sys.stdout.write(text)
@@ -163,13 +180,16 @@ def cmd_stats(args, argv) -> int:
 
 
 def cmd_export(args, argv) -> int:
-    from .output import write_bam
+    from .output import check_writable, write_bam
 
+    index = args.output != "-" and not args.no_index
+    check_writable(args.output)
+    if index:
+        check_writable(args.output + ".bai")
     ds = _open_dataset(args)
     regions = [ds.parse_region(r) for r in args.region] if args.region else None
     batches = ds.query_union(regions) if regions else ds.query(None)
-    write_bam(ds.bam_header(), batches, args.output, threads=args.threads,
-              index=args.output != "-" and not args.no_index)
+    write_bam(ds.bam_header(), batches, args.output, threads=args.threads, index=index)
     return 0
 
 
@@ -475,6 +495,19 @@ def _limit_malloc_arenas() -> None:
         pass
 
 
+def _die_of_sigpipe() -> None:
+    """Standard output was closed (`bams3 query DS | head`): end as samtools does, killed by
+    SIGPIPE (status 141 in a shell), silently; nothing is flushed and no thread is waited for.
+    Python ignores SIGPIPE (a write gets EPIPE instead); the default action is restored only
+    here, so a reset S3 connection never kills the process."""
+    import signal
+
+    sys.stderr.flush()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    os._exit(128 + signal.SIGPIPE)  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _limit_malloc_arenas()
@@ -493,17 +526,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bams3: {e}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:
-        try:
-            sys.stdout = None  # type: ignore[assignment]
-        except Exception:  # noqa: BLE001
-            pass
-        os._exit(141)
+        _die_of_sigpipe()
     except KeyboardInterrupt:
         print("bams3: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the contract: one line, no traceback
         if os.environ.get("BAMS3_DEBUG"):
             raise
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # stdout on a full disk
+            print(f"bams3: write failed: {e.strerror}", file=sys.stderr)
+            return 1
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"bams3: internal error: {type(e).__name__}: {msg} (set BAMS3_DEBUG=1 for a traceback)",
               file=sys.stderr)

@@ -37,7 +37,7 @@ from bams3core.regions import Region, RegionError, parse_region
 from bams3core.stats import StatsAccumulator, flagstat_counts
 
 from . import __version__
-from .errors import Archived, DatasetError, InputError, NotFound, PreconditionFailed
+from .errors import Archived, DatasetError, InputError, NoSuchBucket, NotFound, PreconditionFailed
 from .store import Store
 
 _local = threading.local()
@@ -287,6 +287,8 @@ class Dataset:
     def open(cls, store: Store, *, threads: int = 2, refresh: bool = False) -> "Dataset":
         try:
             data, _info = store.get_small(MANIFEST_KEY, max_age=0 if refresh else None)
+        except NoSuchBucket:
+            raise
         except NotFound:
             raise DatasetError(f"{store.uri}: no bams3 dataset here (no {MANIFEST_KEY}; "
                                "a conversion that did not finish leaves none)") from None
@@ -403,8 +405,9 @@ class Dataset:
         try:
             data = self.store.get(chunk.key, (rr.start, rr.end), if_match=chunk.etag)
         except PreconditionFailed:
-            raise DatasetError(f"{self.store.uri}/{chunk.key} changed after the manifest was read "
-                               "(dataset rewritten?); run the command again") from None
+            # a run never rewrites its chunks (a rerun writes the same bytes, the same ETag)
+            raise DatasetError(f"{self.store.uri}/{chunk.key}: checksum mismatch: its ETag is not the one the "
+                               "manifest records (corrupted or replaced object); run bams3 verify") from None
         except Archived as e:
             raise DatasetError(f"{self.store.uri}/{chunk.key}: chunk object is archived"
                                f"{f' (storage class {e.storage_class})' if e.storage_class else ''} and "

@@ -23,6 +23,10 @@ class NotFound(StoreError):
     """Object or dataset does not exist."""
 
 
+class NoSuchBucket(NotFound):
+    """The bucket itself does not exist: say so, not "no object here"."""
+
+
 class PreconditionFailed(StoreError):
     """A conditional read/write did not hold (object changed, or already exists)."""
 

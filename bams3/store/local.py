@@ -37,7 +37,7 @@ class LocalStore(Store):
                 start, end = byte_range
                 f.seek(start)
                 return f.read(end - start)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{path}: no such file") from None
         except IsADirectoryError:
             raise StoreError(f"{path}: is a directory, expected a file") from None
@@ -48,7 +48,7 @@ class LocalStore(Store):
         path = self._path(key)
         try:
             return self._info(key, os.stat(path))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{path}: no such file") from None
 
     def list_prefix(self, prefix=""):
@@ -86,7 +86,7 @@ class LocalStore(Store):
                 try:
                     os.link(tmp, path)  # atomic create-if-absent
                 except FileExistsError:
-                    raise PreconditionFailed(f"{path} already exists") from None
+                    raise PreconditionFailed(f"{path}: already exists; use --overwrite to replace it") from None
                 finally:
                     os.unlink(tmp)
             else:

@@ -36,7 +36,7 @@ from botocore.config import Config
 
 from bams3core.cost import OBJECT_TAG, TAG_CHUNK, TAG_TMP, check_storage_class
 
-from ..errors import Archived, InputError, NotFound, PreconditionFailed, StoreError
+from ..errors import Archived, InputError, NoSuchBucket, NotFound, PreconditionFailed, StoreError
 from .base import ObjectInfo, Store
 from .cache import MetadataCache, default_cache_dir
 
@@ -188,7 +188,7 @@ def translate_error(exc: BaseException, *, bucket: str, key: str | None = None,
             tries = f" after {meta['RetryAttempts'] + 1} attempts"
 
         if code == "NoSuchBucket" or (op == "HeadBucket" and code in ("404", "NotFound")):
-            return NotFound(_one_line(
+            return NoSuchBucket(_one_line(
                 f"s3://{bucket}: bucket does not exist; check the bucket name"
                 + (f" and the endpoint ({endpoint}; AWS_ENDPOINT_URL)" if endpoint else
                    " (and AWS_ENDPOINT_URL if you use a non-AWS S3)")))
@@ -261,7 +261,11 @@ def translate_error(exc: BaseException, *, bucket: str, key: str | None = None,
                                    f"corrupted in transit; retry")
         return msg(StoreError, f"{op} failed: {code}{f': {text}' if text else ''}")
 
-    if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError)):
+    if isinstance(exc, bce.PartialCredentialsError):
+        return msg(StoreError, f"incomplete AWS credentials ({_one_line(exc)}): set both "
+                               f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither and "
+                               f"use AWS_PROFILE or an instance role")
+    if isinstance(exc, bce.NoCredentialsError):
         return msg(StoreError, "no AWS credentials found: set AWS_ACCESS_KEY_ID/"
                                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or use an instance role")
     if isinstance(exc, (bce.CredentialRetrievalError, bce.TokenRetrievalError,
@@ -443,7 +447,10 @@ class S3Store(Store):
         # lives elsewhere (301/400 with x-amz-bucket-region) and remembers it for the client.
         if not self.region:
             self.region = self._session.region_name or "us-east-1"
-        return self._make_client(self.region)
+        try:
+            return self._make_client(self.region)
+        except Exception as e:  # credentials are loaded here (PartialCredentialsError...)
+            raise self._err(e) from None
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
