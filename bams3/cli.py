@@ -176,12 +176,19 @@ def cmd_export(args, argv) -> int:
 def cmd_verify(args, argv) -> int:
     from .verify import verify_dataset
 
-    ds = _open_dataset(args)
+    from .dataset import Dataset
+
+    # the store's bytes, not a cached copy: the manifest, header and index are revalidated
+    ds = Dataset.open(_open_store(args.dataset, args, write=False), threads=args.threads, refresh=True)
     rep = verify_dataset(ds)
-    for p in rep.problems:
-        print(f"bams3: {p}", file=sys.stderr)
-    print(rep.summary(), file=sys.stdout if rep.ok else sys.stderr)
-    return 0 if rep.ok else 1
+    for p in rep.problems:  # the report, on stdout; stderr gets one line, as for every error
+        print(f"bams3: {p}")
+    if rep.ok:
+        print(rep.summary())
+        return 0
+    sys.stdout.flush()
+    print(f"bams3: {rep.summary()}; first: {rep.problems[0]}", file=sys.stderr)
+    return 1
 
 
 def cmd_demo(args, argv) -> int:
