@@ -265,7 +265,7 @@ def test_manifest_keys_outside_the_dataset_are_refused(small, tmp_path, key):
 
     _rewrite_manifest(ds, edit)
     rc, out, err = cli("query", "-H", ds)
-    one_line_error(rc, err, "key")
+    one_line_error(rc, err, "is not a key inside the dataset")
     assert b"secret" not in out
 
 
@@ -408,8 +408,8 @@ def _fuzz(objects, uri, tmp_path, rng, n_per_kind, set_cache=None, ops=None, qui
     cmds = [["query", uri], ["query", uri, "chr1:100000-300000", "chr2:1-50000"], ["query", "-c", uri, "chr1:1-150000"],
             ["query", "-c", uri], ["query", "--no-PG", "-H", uri], ["stats", uri], ["export", uri, out_bam],
             ["verify", uri]]
-    if quick:  # everything is read by these: all index objects and chunks, pages, the manifest
-        cmds = [cmds[1], cmds[3], cmds[5], cmds[7]]
+    if quick:  # these read every object: the manifest, index pages, whole index objects, chunks
+        cmds = [cmds[1], cmds[3], cmds[7]]
 
     def run_all(tag):
         if set_cache:
@@ -465,8 +465,8 @@ def test_fuzz_s3(small, s3_env, tmp_path, monkeypatch):
         monkeypatch.setenv("BAMS3_CACHE_DIR", str(tmp_path / f"cache-{tag}"))
 
     n = _fuzz(_S3Objects(s3_env, "fuzz"), uri, tmp_path, random.Random(1302), n_per_kind=1,
-              set_cache=fresh_cache, ops=("flip", "truncate"), quick=True)
-    assert n >= 10
+              set_cache=fresh_cache, quick=True)
+    assert n >= 14
 
 
 def test_fuzz_subprocess_never_a_traceback_or_a_hang(small, tmp_path):
@@ -474,7 +474,6 @@ def test_fuzz_subprocess_never_a_traceback_or_a_hang(small, tmp_path):
     ds = _copy(small, tmp_path)
     m = json.loads((ds / "manifest.json").read_bytes())
     cases = [("manifest.json", lambda d: _flip(d, len(d) // 3)),
-             (m["index"][0]["key"], lambda d: _flip(d, 5)),
              (m["chunks"][1]["key"], lambda d: d[:len(d) // 2])]
     env = dict(os.environ, BAMS3_CACHE_DIR=str(tmp_path / "cache"))
     for key, change in cases:
