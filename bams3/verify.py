@@ -25,12 +25,11 @@ class VerifyReport:
     records_checked: int = 0
     bytes_read: int = 0
     problems: list[str] = field(default_factory=list)
+    legacy_manifest: bool = False  # a manifest without a checksum (§3.5): nothing protects it
 
     def fail(self, msg: str) -> None:
         self.ok = False
         self.problems.append(msg)
-
-    legacy_manifest: bool = False  # a manifest without a checksum (§3.5): nothing protects it
 
     def summary(self) -> str:
         state = "OK" if self.ok else f"FAILED ({len(self.problems)} problem(s))"
