@@ -45,6 +45,9 @@ def _add_store_options(p: argparse.ArgumentParser, *, write: bool) -> None:
         g.add_argument("--no-cache", action="store_true",
                        help="do not use the local metadata cache (manifest/index/header)")
         g.add_argument("--cache-dir", metavar="DIR", help="metadata cache (default $BAMS3_CACHE_DIR or ~/.cache/bams3)")
+        g.add_argument("--refresh", action="store_true",
+                       help="revalidate cached metadata with S3 now instead of trusting it for its TTL "
+                            "(to see a commit made elsewhere in the last minutes)")
 
 
 def _open_store(uri: str, args, *, write: bool):
@@ -90,7 +93,7 @@ def _open_dataset(args):
     from .dataset import Dataset
 
     store = _open_store(args.dataset, args, write=False)
-    return Dataset.open(store, threads=args.threads)
+    return Dataset.open(store, threads=args.threads, refresh=getattr(args, "refresh", False))
 
 
 def cmd_query(args, argv) -> int:

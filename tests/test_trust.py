@@ -490,3 +490,21 @@ def test_fuzz_subprocess_never_a_traceback_or_a_hang(small, tmp_path):
                     assert False, (key, argv, "exit 0 on a damaged dataset")
         finally:
             path.write_bytes(orig)
+
+
+# -- 6. --refresh (issue #12 item 3, in part) ---------------------------------------------------
+def test_refresh_sees_a_commit_made_by_another_machine(small, s3_env, tmp_path, monkeypatch):
+    uri = s3_env.uri("refresh")
+    assert cli("convert", "-q", small["bam"], uri)[0] == 0
+    rc, before, err = cli("stats", "--json", uri)  # cached: trusted for the TTL (300 s)
+    assert rc == 0, err
+    sam = tmp_path / "other.sam"
+    sam.write_text("@HD\tVN:1.6\tSO:coordinate\n@SQ\tSN:chrX\tLN:1000\nr1\t0\tchrX\t5\t60\t4M\t*\t0\t0\tACGT\tIIII\n")
+    monkeypatch.setenv("BAMS3_CACHE_DIR", str(tmp_path / "machine-b"))  # another machine's cache
+    assert cli("convert", "-q", "--overwrite", sam, uri)[0] == 0
+    monkeypatch.setenv("BAMS3_CACHE_DIR", s3_env.cache_dir)
+    assert cli("stats", "--json", uri)[1] == before  # the stale copy, within its TTL
+    rc, out, err = cli("stats", "--json", "--refresh", uri)
+    assert rc == 0 and json.loads(out)["records"] == 1, err
+    assert cli("query", "-c", "--refresh", uri)[1] == b"1\n"
+    assert cli("query", uri)[1].startswith(b"r1\t0\tchrX\t5\t")  # the cache now holds the new commit
