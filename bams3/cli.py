@@ -46,6 +46,9 @@ def _add_store_options(p: argparse.ArgumentParser, *, write: bool) -> None:
         g.add_argument("--no-cache", action="store_true",
                        help="do not use the local metadata cache (manifest/index/header)")
         g.add_argument("--cache-dir", metavar="DIR", help="metadata cache (default $BAMS3_CACHE_DIR or ~/.cache/bams3)")
+        g.add_argument("--refresh", action="store_true",
+                       help="revalidate cached metadata with S3 now instead of trusting it for its TTL "
+                            "(to see a commit made elsewhere in the last minutes)")
 
 
 def _open_store(uri: str, args, *, write: bool):
@@ -94,7 +97,7 @@ def _open_dataset(args):
         raise InputError(f"{args.dataset}: is a file, not a bams3 dataset (a directory or s3://bucket/prefix); "
                          f"make one with: bams3 convert {shlex.quote(args.dataset)} DEST")
     store = _open_store(args.dataset, args, write=False)
-    return Dataset.open(store, threads=args.threads)
+    return Dataset.open(store, threads=args.threads, refresh=getattr(args, "refresh", False))
 
 
 def cmd_query(args, argv) -> int:
@@ -196,12 +199,19 @@ def cmd_export(args, argv) -> int:
 def cmd_verify(args, argv) -> int:
     from .verify import verify_dataset
 
-    ds = _open_dataset(args)
+    from .dataset import Dataset
+
+    # the store's bytes, not a cached copy: the manifest, header and index are revalidated
+    ds = Dataset.open(_open_store(args.dataset, args, write=False), threads=args.threads, refresh=True)
     rep = verify_dataset(ds)
-    for p in rep.problems:
-        print(f"bams3: {p}", file=sys.stderr)
-    print(rep.summary(), file=sys.stdout if rep.ok else sys.stderr)
-    return 0 if rep.ok else 1
+    for p in rep.problems:  # the report, on stdout; stderr gets one line, as for every error
+        print(f"bams3: {p}")
+    if rep.ok:
+        print(rep.summary())
+        return 0
+    sys.stdout.flush()
+    print(f"bams3: {rep.summary()}; first: {rep.problems[0]}", file=sys.stderr)
+    return 1
 
 
 def _days_or_off(text: str) -> int | None:

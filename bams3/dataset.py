@@ -273,10 +273,11 @@ class QueryStats:
 class Dataset:
     """A committed dataset, opened for reading."""
 
-    def __init__(self, store: Store, manifest: Manifest, *, threads: int = 2):
+    def __init__(self, store: Store, manifest: Manifest, *, threads: int = 2, refresh: bool = False):
         self.store = store
         self.manifest = manifest
         self.threads = max(1, threads)
+        self.refresh = refresh  # revalidate cached header/index copies with the store (verify)
         self._index: dict[int, np.ndarray] = {}
         self._page_rows: dict[tuple[int, int], np.ndarray] = {}
         self.qstats = QueryStats()
@@ -285,26 +286,39 @@ class Dataset:
 
     @classmethod
     def open(cls, store: Store, *, threads: int = 2, refresh: bool = False) -> "Dataset":
+        """Read and check the manifest (§2.3). Bytes that fail the check (a damaged cached copy,
+        or a damaged read) are dropped from the cache and read once more before giving up."""
         try:
             data, _info = store.get_small(MANIFEST_KEY, max_age=0 if refresh else None)
+            try:
+                manifest = Manifest.from_json(data)
+            except IndexError_:
+                store.invalidate(MANIFEST_KEY)
+                data, _info = store.get_small(MANIFEST_KEY, max_age=0)
+                manifest = Manifest.from_json(data)
         except NoSuchBucket:
             raise
         except NotFound:
             raise DatasetError(f"{store.uri}: no bams3 dataset here (no {MANIFEST_KEY}; "
                                "a conversion that did not finish leaves none)") from None
-        try:
-            manifest = Manifest.from_json(data)
         except IndexError_ as e:
             raise DatasetError(f"{store.uri}/{MANIFEST_KEY}: {e}") from None
-        return cls(store, manifest, threads=threads)
+        return cls(store, manifest, threads=threads, refresh=refresh)
 
     # -- metadata ------------------------------------------------------------------------
+    def _read_checked(self, ref: ObjectRef, what: str) -> bytes:
+        """A whole header or index object, checked against the manifest's size and SHA-256; a
+        copy that fails (a damaged cache entry) is dropped and fetched again, once."""
+        for _attempt in range(2):
+            data, _ = self.store.get_small(ref.key, max_age=0 if self.refresh else float("inf"))
+            if len(data) == ref.size and hashlib.sha256(data).hexdigest() == ref.sha256:
+                return data
+            self.store.invalidate(ref.key)
+        raise DatasetError(f"{self.store.uri}/{ref.key}: checksum mismatch (corrupt {what})")
+
     def header_text(self) -> str:
         if not self._header_loaded:
-            ref = self.manifest.header
-            data, _ = self.store.get_small(ref.key, max_age=float("inf"))
-            if hashlib.sha256(data).hexdigest() != ref.sha256:
-                raise DatasetError(f"{self.store.uri}/{ref.key}: checksum mismatch (corrupt header)")
+            data = self._read_checked(self.manifest.header, "header")
             self.header.text = data.decode("utf-8", errors="surrogateescape")
             self._header_loaded = True
         return self.header.text
@@ -349,9 +363,7 @@ class Dataset:
                 self._index[ref_id] = np.zeros(0, dtype=ENTRY_DTYPE)
                 return self._index[ref_id]
             pages = self._pages(ref)
-            data, _ = self.store.get_small(ref.key, max_age=float("inf"))
-            if hashlib.sha256(data).hexdigest() != ref.sha256:
-                raise DatasetError(f"{self.store.uri}/{ref.key}: checksum mismatch (corrupt index)")
+            data = self._read_checked(ref, "index")
             if pages is None:  # a single frame (datasets written before index paging)
                 try:
                     self._index[ref_id] = decode_index(data)

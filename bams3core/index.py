@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import zlib
@@ -185,32 +186,38 @@ class Manifest:
     streams: list[str] = field(default_factory=lambda: list(STREAM_NAMES))
     compression: str = "zstd"
     extra: dict = field(default_factory=dict)
+    checksum: str | None = None            # "sha256:<hex>" of the other members (§3.5); set by to_json
 
     def to_json(self) -> bytes:
+        """The manifest file: one-space indentation, page directories one array per line, and
+        the ``checksum`` member (§3.5) last. Built member by member, never by text replacement."""
         d = asdict(self)
+        d.pop("checksum")
         for ref in [d["header"], *d["chunks"], *d["index"]]:
             if ref.get("pages") is None:
                 ref.pop("pages", None)  # only index objects have a page directory
-        # page directories one line per page (indent=1 would spend a line per number)
-        compact = {}
-        for i, ix in enumerate(d["index"]):
-            if ix.get("pages") is not None:
-                token = f"@@pages{i}@@"
-                compact[f'"{token}"'] = "[" + ", ".join(json.dumps(p) for p in ix["pages"]) + "]"
-                ix["pages"] = token
-        text = json.dumps(d, indent=1, sort_keys=False)
-        for token, value in compact.items():
-            text = text.replace(token, value, 1)
-        return (text + "\n").encode()
+        d["checksum"] = manifest_checksum(d)
+        self.checksum = d["checksum"]
+        return (_indented(d, 0) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "Manifest":
         try:
-            d = json.loads(data)
+            d = json.loads(data, object_pairs_hook=_no_duplicates, parse_float=_no_float,
+                           parse_constant=_no_float)
         except (ValueError, UnicodeDecodeError) as e:
             raise IndexError_(f"manifest is not valid JSON ({e})") from None
+        except _NotInteger as e:
+            raise IndexError_(f"malformed manifest (non-integer number {e})") from None
+        except RecursionError:
+            raise IndexError_("manifest is not valid JSON (nested too deeply)") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise IndexError_("not a bams3 manifest")
+        if "checksum" in d:  # absent: written before manifest checksums (bams3 <= 0.1, §3.5)
+            want = manifest_checksum(d)
+            if d["checksum"] != want:
+                raise IndexError_(f"manifest checksum mismatch: it records {str(d['checksum'])[:80]!r}, "
+                                  f"its content hashes to {want!r}; the manifest is corrupted")
         if d.get("version") != FORMAT_VERSION:
             raise IndexError_(f"unsupported bams3 format version {d.get('version')} (this reader reads {FORMAT_VERSION})")
         if d.get("streams") != list(STREAM_NAMES):
@@ -219,6 +226,8 @@ class Manifest:
             d["header"] = ObjectRef(**d["header"])
             d["chunks"] = [ObjectRef(**c) for c in d["chunks"]]
             d["index"] = [ObjectRef(**c) for c in d["index"]]
+            for ref in [d["header"], *d["chunks"], *d["index"]]:
+                check_key(ref.key)
             return cls(**d)
         except (TypeError, KeyError) as e:
             raise IndexError_(f"malformed manifest ({e})") from None
@@ -235,3 +244,62 @@ class Manifest:
 
     def object_keys(self) -> list[str]:
         return [MANIFEST_KEY, self.header.key] + [c.key for c in self.chunks] + [i.key for i in self.index]
+
+
+# -- manifest checksum and keys (§3.5, §2.1) ------------------------------------------------
+class _NotInteger(Exception):
+    pass
+
+
+def _no_float(text: str):
+    raise _NotInteger(text[:40])
+
+
+def _no_duplicates(pairs: list) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"member {dup!r} appears twice")
+    return d
+
+
+def canonical_json(value) -> bytes:
+    """The canonical form of §3.5: members sorted by key (code point order), no whitespace,
+    every character outside printable ASCII escaped as ``\\uXXXX`` (UTF-16 code units)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def manifest_checksum(d: dict) -> str:
+    """``"sha256:"`` + SHA-256 of the canonical JSON of every member of ``d`` but ``checksum``."""
+    body = {k: v for k, v in d.items() if k != "checksum"}
+    return "sha256:" + hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def _indented(v, level: int) -> str:
+    """``json.dumps(v, indent=1)``, except that a ``pages`` array is written on one line."""
+    pad = " " * (level + 1)
+    if isinstance(v, dict) and v:
+        items = [f"{pad}{json.dumps(k)}: " + (json.dumps(x) if k == "pages" and isinstance(x, list)
+                                              else _indented(x, level + 1)) for k, x in v.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * level + "}"
+    if isinstance(v, list) and v:
+        return "[\n" + ",\n".join(pad + _indented(x, level + 1) for x in v) + "\n" + " " * level + "]"
+    return json.dumps(v)
+
+
+MAX_KEY_BYTES = 1024
+
+
+def check_key(key) -> str:
+    """An object key named by a manifest (§2.1): relative, under ``data/``, no empty, ``.``
+    or ``..`` segment, no backslash, NUL or other control character. Raises IndexError_."""
+    ok = (isinstance(key, str) and 0 < len(key.encode("utf-8", "surrogatepass")) <= MAX_KEY_BYTES
+          and not any(c == "\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in key))
+    if ok:
+        parts = key.split("/")
+        ok = len(parts) >= 3 and parts[0] == "data" and not any(p in ("", ".", "..") for p in parts)
+    if not ok:
+        raise IndexError_(f"malformed manifest (object key {str(key)[:100]!r} is not a key inside the dataset)")
+    return key

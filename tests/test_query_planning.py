@@ -94,7 +94,7 @@ def test_manifest_page_directory_json_roundtrip():
     from bams3core.index import Manifest, ObjectRef
     ref = ObjectRef(key="data/r/index/0.b3i", size=30, sha256="0" * 64, n_blocks=3, n_records=9, ref_id=0,
                     pages=[[0, 10, 2, 5, 900, 1], [10, 20, 1, 800, 1200, 2]])
-    m = Manifest(references=[{"name": "c", "length": 2000}], header=ObjectRef("h", 1, "1" * 64), chunks=[],
+    m = Manifest(references=[{"name": "c", "length": 2000}], header=ObjectRef("data/r/header.sam", 1, "1" * 64), chunks=[],
                  index=[ref], n_records=9, stats={}, run_id="r", created="now", tool="t",
                  block_bytes=1, chunk_bytes=1)
     text = m.to_json()

@@ -20,7 +20,16 @@ class LocalStore(Store):
         self.uri = self.root
 
     def _path(self, key: str) -> str:
-        return os.path.join(self.root, *key.split("/"))
+        """The file of ``key``; a key that would leave the dataset directory (absolute, a ``..``
+        segment, a backslash or NUL) is refused, whoever names it."""
+        parts = key.split("/") if isinstance(key, str) else [""]
+        if (not key or key.startswith("/") or "\\" in key or "\0" in key
+                or any(p in ("", ".", "..") for p in parts)):
+            raise StoreError(f"{self.root}: refusing object key {str(key)[:100]!r} (outside the dataset directory)")
+        path = os.path.join(self.root, *parts)
+        if os.path.commonpath([self.root, os.path.normpath(path)]) != self.root:
+            raise StoreError(f"{self.root}: refusing object key {key[:100]!r} (outside the dataset directory)")
+        return path
 
     def _info(self, key: str, st: os.stat_result) -> ObjectInfo:
         return ObjectInfo(key=key, size=st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}",
@@ -122,7 +131,7 @@ class LocalStore(Store):
 
         n = 0
         cutoff = None if older_than is None else time.time() - older_than
-        for dirpath, _dirs, files in os.walk(self._path(prefix) if prefix else self.root):
+        for dirpath, _dirs, files in os.walk(self._path(prefix.rstrip("/")) if prefix.rstrip("/") else self.root):
             for name in files:
                 path = os.path.join(dirpath, name)
                 if name.startswith(".tmp-") and (cutoff is None or os.path.getmtime(path) < cutoff):
