@@ -471,7 +471,7 @@ def test_manifest_tables_match_the_code(spec_text):
     top = [r[0] for r in section_table(spec_text, "3.1", "field")]
     assert top == [f.name for f in dataclasses.fields(Manifest)]
     para = spec_text[spec_text.index("Required by the reference reader:"):]
-    para = para[:para.index("Writers MUST write every field.")]
+    para = para[:para.index("Writers MUST write every field")]
     required = re.findall(r"`(\w+)`", para)
     assert required == [f.name for f in dataclasses.fields(Manifest)
                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING] \
