@@ -232,6 +232,20 @@ def test_wide_block_round_trip():
     assert bytes(back.raw()) == bytes(to_bam_layout(small).raw())
 
 
+def test_wide_pos_stream_vector():
+    """docs/FORMAT.md §11.5: the `pos` stream of a wide block before zstd."""
+    import zstandard
+
+    from bams3core.codec import STREAM_INDEX
+
+    blk = BlockEncoder().encode(_wide_batch([(5, 5, 0), (2147483653, 5, 0), (2147483650, 5, 0)]))
+    assert blk.wide
+    p = sum(blk.stream_sizes[:STREAM_INDEX["pos"]])
+    frame = blk.data[p:p + blk.stream_sizes[STREAM_INDEX["pos"]]]
+    assert zstandard.ZstdDecompressor().decompress(frame).hex(" ") == \
+        "00 00 05 00 00 00 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00 00 00 00"
+
+
 def test_wide_index_page_round_trip():
     rows = np.zeros(3, dtype=ENTRY_DTYPE_WIDE)
     rows["first_start"] = [5, (1 << 31) + 1, (1 << 33) - 3]
