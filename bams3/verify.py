@@ -104,7 +104,8 @@ def verify_dataset(ds: Dataset, *, chunks: list[int] | None = None, decode: bool
                 rep.fail(f"{c.key}: block at byte {a}: decoded size differs from the index")
             u8 = np.frombuffer(batch.data, dtype=np.uint8)
             ncig = fx["n_cigar_op"].astype(np.int64)
-            cig = gather(u8, batch.offsets[:-1] + 4 + batch.fixed_size + fx["l_read_name"].astype(np.int64), 4 * ncig).view("<u4")
+            cig_off = batch.offsets[:-1] + 4 + batch.fixed_size + fx["l_read_name"].astype(np.int64)
+            cig = gather(u8, cig_off, 4 * ncig).view("<u4")
             ends = end_positions(fx["pos"], fx["flag"], cigar_ref_lengths(cig, ncig))
             if (fx["refid"] != int(r["ref_id"])).any() or int(fx["pos"][-1]) != int(r["last_start"]) \
                     or int(ends.max()) != int(r["max_end"]):

@@ -26,7 +26,7 @@ from typing import BinaryIO
 from bams3core.bam import WIDE_MAX_POS, BamHeader, Reference
 
 from .errors import InputError
-from .inputs import AlignmentInput, _Chain
+from .inputs import AlignmentInput, _Chain, _read_exact
 
 WIDE_MAGIC = b"B3W\x01"
 WIDE_REFERENCE_LENGTH = 1 << 31  # a SAM header with a reference at least this long is read wide
@@ -83,16 +83,6 @@ def bgzf_sam_needs_wide(path: str) -> bool:
     except (OSError, EOFError):
         return False  # not plain gzip: leave it to htslib, which reports the problem
     return header_needs_wide(header)
-
-
-def _read_exact(f: BinaryIO, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = f.read(n - len(out))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
 
 
 def _read_header(f: BinaryIO) -> BamHeader | None:

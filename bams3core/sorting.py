@@ -47,7 +47,8 @@ def encode_run_frames(batches: list[RecordBatch], cctx: zstandard.ZstdCompressor
     return b"".join(out)
 
 
-def decode_run_frames(read, dctx: zstandard.ZstdDecompressor | None = None, wide: bool = False) -> Iterator[RecordBatch]:
+def decode_run_frames(read, dctx: zstandard.ZstdDecompressor | None = None,
+                      wide: bool = False) -> Iterator[RecordBatch]:
     """Frames of a run from a ``read(n)`` callable (a file-like's read). Runs merged by one
     thread can share ``dctx`` (a context per run would cost memory per run). ``wide``: the
     run holds wide records (:data:`bams3core.bam.WIDE_FIXED_DTYPE`)."""

@@ -46,8 +46,9 @@ def ordinary_sam() -> str:
         mp = p + 150 + (i * 31) % 300
         seq = "".join(bases[(i * 13 + k * 7) % 4] for k in range(60))
         qual = "".join(chr(33 + (i + k) % 41) for k in range(60))
-        lines.append(f"p{i}\t99\tchr1\t{p}\t{i % 61}\t60M\t=\t{mp}\t{mp + 59 - p + 1}\t{seq}\t{qual}\tNM:i:{i % 3}\tRG:Z:g1")
-        lines.append(f"p{i}\t147\tchr1\t{mp}\t{i % 61}\t30M2I28M\t=\t{p}\t{-(mp + 59 - p + 1)}\t{seq}\t*\tAS:i:{i}")
+        tl = mp + 59 - p + 1
+        lines.append(f"p{i}\t99\tchr1\t{p}\t{i % 61}\t60M\t=\t{mp}\t{tl}\t{seq}\t{qual}\tNM:i:{i % 3}\tRG:Z:g1")
+        lines.append(f"p{i}\t147\tchr1\t{mp}\t{i % 61}\t30M2I28M\t=\t{p}\t{-tl}\t{seq}\t*\tAS:i:{i}")
     lines.append("m1\t0\tchrM\t100\t60\t8M\t*\t0\t0\tACGTACGT\tIIIIIIII")
     lines.append("u1\t4\t*\t0\t0\t*\t*\t0\t0\tACGT\t*")
     return "\n".join(lines) + "\n"
