@@ -294,3 +294,22 @@ def test_wide_records_sort_through_spill_runs(tmp_path):
     inp.close()
     assert len(sorter.runs) >= 3
     assert out.getvalue().decode() == pysam.samtools.view(str(srt))
+
+
+def test_export_cram_with_reference(tmp_path):
+    bases = "ACGT"
+    ref = "".join(bases[(i * i + 3 * i) % 7 % 4] for i in range(5000))
+    (tmp_path / "ref.fa").write_text(">r1\n" + "\n".join(ref[i:i + 60] for i in range(0, 5000, 60)) + "\n")
+    lines = ["@HD\tVN:1.6\tSO:unsorted", "@SQ\tSN:r1\tLN:5000"]
+    for i in range(40):
+        p = (i * 97) % 4900
+        seq = ref[p:p + 50] if i % 3 else ref[p:p + 20] + "T" + ref[p + 21:p + 50]
+        lines.append(f"c{i}\t{16 * (i % 2)}\tr1\t{p + 1}\t60\t50M\t*\t0\t0\t{seq}\t{'I' * 50}\tXA:i:{i}")
+    (tmp_path / "a.sam").write_text("\n".join(lines) + "\n")
+    srt = tmp_path / "sorted.sam"
+    pysam.samtools.sort("--no-PG", "-O", "sam", "-o", str(srt), str(tmp_path / "a.sam"), catch_stdout=False)
+    run_cli("convert", "-q", tmp_path / "a.sam", tmp_path / "ds")
+    run_cli("export", "-T", tmp_path / "ref.fa", tmp_path / "ds", tmp_path / "x.cram")
+    cram = pysam.samtools.view("--no-PG", "--input-fmt-option", "decode_md=0", "--reference",
+                               str(tmp_path / "ref.fa"), str(tmp_path / "x.cram"))
+    assert cram == pysam.samtools.view(str(srt))
