@@ -101,7 +101,8 @@ def _open_dataset(args):
 
 
 def cmd_query(args, argv) -> int:
-    from .output import check_writable, write_bam, write_sam
+    from .export import refuse_wide, write_sam_any
+    from .output import check_writable, write_bam
 
     if args.output and args.output != "-":
         check_writable(args.output)
@@ -122,15 +123,18 @@ def cmd_query(args, argv) -> int:
     elif args.bam:
         if not args.output:
             raise InputError("-b needs -o FILE (or -o - for stdout)")
+        if ds.wide:
+            raise refuse_wide("bam")
         write_bam(ds.bam_header(), batches, args.output, threads=args.threads, index=args.output != "-",
                   pg_line=pg)
     else:
         header = ds.bam_header() if args.with_header else ds.header
         if args.output and args.output != "-":
             with _open_output(args.output, "wb") as f:
-                write_sam(header, batches, f, with_header=args.with_header, pg_line=pg)
+                write_sam_any(header, batches, f, wide=ds.wide, with_header=args.with_header, pg_line=pg)
         else:
-            write_sam(header, batches, sys.stdout.buffer, with_header=args.with_header, pg_line=pg)
+            write_sam_any(header, batches, sys.stdout.buffer, wide=ds.wide, with_header=args.with_header,
+                          pg_line=pg)
             sys.stdout.buffer.flush()
     if args.verbose:
         q = ds.qstats
@@ -183,16 +187,18 @@ def cmd_stats(args, argv) -> int:
 
 
 def cmd_export(args, argv) -> int:
-    from .output import check_writable, write_bam
+    from .export import export, export_format
+    from .output import check_writable
 
+    fmt = export_format(args.output)  # before any work, like the output checks
     index = args.output != "-" and not args.no_index
     check_writable(args.output)
-    if index:
-        check_writable(args.output + ".bai")
+    if index and fmt != "sam":
+        check_writable(args.output + (".crai" if fmt == "cram" else ".bai"))
     ds = _open_dataset(args)
     regions = [ds.parse_region(r) for r in args.region] if args.region else None
     batches = ds.query_union(regions) if regions else ds.query(None)
-    write_bam(ds.bam_header(), batches, args.output, threads=args.threads, index=index)
+    export(ds, batches, args.output, reference=args.reference, threads=args.threads, index=index)
     return 0
 
 
@@ -416,13 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_options(p, write=False)
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("export", help="write the dataset (or regions) back to BAM + BAI",
-                       description="Write a BAM whose `samtools view --no-PG -h` text equals the source's.",
+    p = sub.add_parser("export", help="write the dataset (or regions) back to BAM + BAI, SAM or CRAM",
+                       description="Write a BAM, SAM or CRAM (by OUTPUT's extension) whose `samtools view --no-PG "
+                                   "-h` text equals the source's. Datasets with positions beyond 2^31-1 (format "
+                                   "v1.1) can only be written as SAM.",
                        epilog=EPILOG_PATHS)
     p.add_argument("dataset")
-    p.add_argument("output", help="OUT.bam, or - for stdout")
+    p.add_argument("output", help="OUT.bam, OUT.sam or OUT.cram, or - for BAM on stdout")
     p.add_argument("--region", action="append", metavar="R", help="only records overlapping R (repeatable)")
-    p.add_argument("--no-index", action="store_true", help="do not write OUT.bam.bai")
+    p.add_argument("-T", "--reference", help="reference FASTA for a .cram output (default: none, sequences "
+                                             "stored in the CRAM)")
+    p.add_argument("--no-index", action="store_true", help="do not write OUT.bam.bai (or OUT.cram.crai)")
     p.add_argument("-@", "--threads", type=int, default=2)
     _add_store_options(p, write=False)
     p.set_defaults(func=cmd_export)

@@ -63,8 +63,9 @@ SPILL_THREADS = 2  # zstd threads compressing a run's frames (the encoders are i
 class ExternalSorter:
     """Sorts a record stream like `samtools sort`, spilling sorted runs to the store."""
 
-    def __init__(self, store: Store, run_id: str, max_memory: int):
+    def __init__(self, store: Store, run_id: str, max_memory: int, wide: bool = False):
         self.store = store
+        self.wide = wide  # the records are wide (format v1.1 input)
         self.prefix = f"_tmp/{run_id}/"
         self.max_memory = max_memory
         self.run_bytes = max(1 << 16, max_memory // 3)  # sorting a run needs ~2.5x its size
@@ -99,7 +100,7 @@ class ExternalSorter:
         f = self.store.open_read(key)
         try:
             buf: list[RecordBatch] = []
-            for b in decode_run_frames(f.read, self._dctx):
+            for b in decode_run_frames(f.read, self._dctx, self.wide):
                 buf.append(b)
                 if len(buf) >= group:
                     yield buf[0] if len(buf) == 1 else RecordBatch.concat(buf)
@@ -208,7 +209,7 @@ def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, s
             executor = ThreadExecutor(threads, upload_conc)
         stream: Iterator[RecordBatch] = inp.batches()
         if not already_sorted:
-            sorter = ExternalSorter(store, writer.run_id, opts.max_memory)
+            sorter = ExternalSorter(store, writer.run_id, opts.max_memory, wide=inp.wide)
             stream = sorter.sort(stream)
 
         def report(chunk: PlannedChunk, ref) -> None:

@@ -29,8 +29,9 @@ import numpy as np
 
 from bams3core.bam import FLAG_UNMAP, BamHeader, RecordBatch, Reference
 from bams3core.codec import BlockEncoder, CodecError, EncodedBlock, decode_block
-from bams3core.index import (ENTRY_DTYPE, HEADER_KEY, MANIFEST_KEY, IndexError_, IndexPage, Manifest, ObjectRef,
-                             decode_index, encode_index_pages, select_pages)
+from bams3core.index import (ENTRY_DTYPE, ENTRY_DTYPE_WIDE, FORMAT_VERSION, FORMAT_VERSION_WIDE, HEADER_KEY,
+                             MANIFEST_KEY, IndexError_, IndexPage, Manifest, ObjectRef,
+                             decode_index, encode_index_pages, narrow_entries, select_pages, widen_entries)
 from bams3core.planner import PlannedChunk, index_entries
 from bams3core.query import RangeRead, overlap_mask, plan_reads, select_blocks
 from bams3core.regions import Region, RegionError, parse_region
@@ -63,6 +64,11 @@ def _where(fx) -> str:
     return f"refid {int(fx['refid'][0])} pos {int(fx['pos'][0]) + 1}" if len(fx) else "?"
 
 
+def block_is_wide(row) -> bool:
+    """Whether an index row's block has the v1.1 wide layout (u64 pos/npos/tlen streams)."""
+    return "layout" in row.dtype.names and bool(row["layout"])
+
+
 STALE_SECONDS = 3600.0  # leftovers older than this are removed when a conversion starts
 
 
@@ -81,6 +87,7 @@ class DatasetWriter:
                  overwrite: bool = False, sorted_by: str = "input", source: str = "",
                  run_id: str | None = None):
         self.store = store
+        self.wide = False  # a block in the wide layout was written: the dataset is format v1.1
         self.header = header
         self.block_bytes = block_bytes
         self.chunk_bytes = chunk_bytes
@@ -173,6 +180,8 @@ class DatasetWriter:
     def add_index_rows(self, chunk: PlannedChunk) -> None:
         """Record the chunk's blocks in the index (call in chunk order)."""
         rows = index_entries(chunk)
+        if rows.dtype == ENTRY_DTYPE_WIDE and rows["layout"].any():
+            self.wide = True
         # rows are in record order; flush an index object whenever the reference changes
         start = 0
         refs = rows["ref_id"]
@@ -188,7 +197,12 @@ class DatasetWriter:
     def _flush_index(self) -> None:
         if self._rows_ref is None or not self._rows:
             return
-        rows = np.concatenate(self._rows)
+        parts = self._rows
+        if any(r.dtype == ENTRY_DTYPE_WIDE for r in parts):
+            parts = [widen_entries(r) for r in parts]
+        rows = np.concatenate(parts)
+        if rows.dtype == ENTRY_DTYPE_WIDE and not rows["layout"].any():
+            rows = narrow_entries(rows)  # a reference without wide blocks keeps a v1 index object
         ref_id = self._rows_ref
         name = "unplaced" if ref_id < 0 else str(ref_id)
         key = f"{self.prefix}index/{name}.b3i"
@@ -227,6 +241,7 @@ class DatasetWriter:
             chunk_bytes=self.chunk_bytes,
             sorted_by=self.sorted_by,
             source=self.source,
+            version=FORMAT_VERSION_WIDE if self.wide else FORMAT_VERSION,
         )
         self.store.set(MANIFEST_KEY, manifest.to_json(), if_none_match=not self.overwrite,
                        content_type="application/json")
@@ -282,6 +297,8 @@ class Dataset:
         self._page_rows: dict[tuple[int, int], np.ndarray] = {}
         self.qstats = QueryStats()
         self.header = BamHeader(text="", references=[Reference(r["name"], r["length"]) for r in manifest.references])
+        self.wide = manifest.wide  # v1.1: blocks decode to wide records (RecordBatch.wide)
+        self._entry_dtype = ENTRY_DTYPE_WIDE if self.wide else ENTRY_DTYPE
         self._header_loaded = False
 
     @classmethod
@@ -347,7 +364,7 @@ class Dataset:
             if check_crc and (len(frame) != p.length or zlib.crc32(frame) != p.crc32):
                 raise DatasetError(f"{self.store.uri}/{ref.key}: checksum mismatch (corrupt index page {i})")
             try:
-                rows = decode_index(frame)
+                rows = self._rows_of(decode_index(frame, wide_ok=self.wide))
             except IndexError_ as e:
                 raise DatasetError(f"{self.store.uri}/{ref.key}: {e}") from None
             if len(rows) != p.n_entries:
@@ -355,24 +372,28 @@ class Dataset:
                                    f"the manifest says {p.n_entries}")
             self._page_rows[(ref.ref_id, i)] = rows
 
+    def _rows_of(self, rows: np.ndarray) -> np.ndarray:
+        """Decoded index rows in this dataset's row type (v1.1: v1 pages widened)."""
+        return widen_entries(rows) if self.wide else rows
+
     def index(self, ref_id: int) -> np.ndarray:
         """Every index row of a reference (the whole index object, one GET)."""
         if ref_id not in self._index:
             ref = self.manifest.index_for(ref_id)
             if ref is None:
-                self._index[ref_id] = np.zeros(0, dtype=ENTRY_DTYPE)
+                self._index[ref_id] = np.zeros(0, dtype=self._entry_dtype)
                 return self._index[ref_id]
             pages = self._pages(ref)
             data = self._read_checked(ref, "index")
             if pages is None:  # a single frame (datasets written before index paging)
                 try:
-                    self._index[ref_id] = decode_index(data)
+                    self._index[ref_id] = self._rows_of(decode_index(data, wide_ok=self.wide))
                 except IndexError_ as e:
                     raise DatasetError(f"{self.store.uri}/{ref.key}: {e}") from None
             else:
                 self._decode_pages(ref, pages, list(range(len(pages))), data, 0, check_crc=True)
                 parts = [self._page_rows[(ref_id, i)] for i in range(len(pages))]
-                self._index[ref_id] = np.concatenate(parts) if parts else np.zeros(0, dtype=ENTRY_DTYPE)
+                self._index[ref_id] = np.concatenate(parts) if parts else np.zeros(0, dtype=self._entry_dtype)
         return self._index[ref_id]
 
     def region_rows(self, region: Region) -> np.ndarray:
@@ -386,7 +407,7 @@ class Dataset:
         single-page or unplaced index is read whole."""
         ref = self.manifest.index_for(ref_id)
         if ref is None:
-            return np.zeros(0, dtype=ENTRY_DTYPE)
+            return np.zeros(0, dtype=self._entry_dtype)
         pages = self._pages(ref)
         if ref_id in self._index or pages is None or ref_id < 0 or len(pages) <= 1:
             return self.index(ref_id)
@@ -403,7 +424,7 @@ class Dataset:
                 data = self.store.get_small_range(ref.key, span)
                 self._decode_pages(ref, pages, missing, data, span[0], check_crc=True)
         parts = [self._page_rows[(ref_id, i)] for i in which]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=ENTRY_DTYPE)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=self._entry_dtype)
 
     def parse_region(self, text: str) -> Region:
         try:
@@ -452,7 +473,7 @@ class Dataset:
                                    f"{int(row['offset'])} (corrupt chunk)")
             try:
                 batch = decode_block(blk, row["stream_sizes"].tolist(), int(row["n_records"]),
-                                     int(row["ref_id"]), int(row["first_start"]))
+                                     int(row["ref_id"]), int(row["first_start"]), wide=block_is_wide(row))
             except CodecError as e:
                 raise DatasetError(f"{self.store.uri}/{chunk.key}: {e}") from None
             out.append(batch)
@@ -494,7 +515,7 @@ class Dataset:
     def all_rows(self) -> np.ndarray:
         rows = [self.index(ix.ref_id) for ix in sorted(self.manifest.index,
                                                         key=lambda x: (x.ref_id < 0, x.ref_id))]
-        return np.concatenate(rows) if rows else np.zeros(0, dtype=ENTRY_DTYPE)
+        return np.concatenate(rows) if rows else np.zeros(0, dtype=self._entry_dtype)
 
     def query(self, regions: Iterable[Region] | None) -> Iterator[RecordBatch]:
         """Records for each region in turn (like `samtools view FILE R1 R2`); None = all."""

@@ -147,8 +147,9 @@ class AlignmentInput:
     """Header plus an iterator of :class:`RecordBatch` of about ``batch_bytes`` each."""
 
     def __init__(self, header: BamHeader, data_iter: Iterator[bytes], leftover: bytes, name: str,
-                 on_close=None, check_complete=None):
+                 on_close=None, check_complete=None, wide: bool = False):
         self.header = header
+        self.wide = wide  # wide records (bams3.widesam): the dataset is format v1.1
         self._iter = data_iter
         self._buf = leftover
         self.name = name
@@ -180,7 +181,7 @@ class AlignmentInput:
             raise InputError(f"{self.name}: {e}") from None
         if len(offs) == 1:
             return None, buf
-        return RecordBatch(buf, offs), buf[end:]
+        return RecordBatch(buf, offs, self.wide), buf[end:]
 
     def close(self):
         if self._on_close:
@@ -252,6 +253,9 @@ def open_input(source: str, *, reference: str | None = None, threads: int = 2,
                 raise InputError("stdin: compressed SAM on standard input is not supported; "
                                  "pipe plain SAM or BAM, or pass the file path")
             f.close()
+            from .widesam import bgzf_sam_needs_wide, open_wide_sam
+            if bgzf_sam_needs_wide(source):
+                return open_wide_sam(None, name, source)
             return _via_htslib(None, name, reference, threads, source)
 
         def data():
@@ -271,6 +275,11 @@ def open_input(source: str, *, reference: str | None = None, threads: int = 2,
         it = iter(lambda: stream.read(1 << 20), b"")
         header, leftover = _header_from(it, name)
         return AlignmentInput(header, it, leftover, name)
+    if kind == "sam":  # positions beyond BAM's i32 range: read as wide records (format v1.1)
+        from .widesam import open_if_wide
+        wide, stream = open_if_wide(stream, name, None if source == "-" else source)
+        if wide is not None:
+            return wide
     if kind in ("sam", "cram"):
         return _via_htslib(stream, name, reference, threads, source if source != "-" else None)
     if kind == "empty":

@@ -12,7 +12,7 @@ from bams3core.codec import CodecError, decode_block
 from bams3core.bam import cigar_ref_lengths, end_positions, gather
 from bams3core.stats import StatsAccumulator
 
-from .dataset import Dataset
+from .dataset import Dataset, block_is_wide
 from .errors import Bams3Error, NotFound
 
 
@@ -97,7 +97,7 @@ def verify_dataset(ds: Dataset, *, chunks: list[int] | None = None, decode: bool
                 continue
             try:
                 batch = decode_block(blk, r["stream_sizes"].tolist(), int(r["n_records"]), int(r["ref_id"]),
-                                     int(r["first_start"]))
+                                     int(r["first_start"]), wide=block_is_wide(r))
             except CodecError as e:
                 rep.fail(f"{c.key}: block at byte {a}: {e}")
                 continue
@@ -107,7 +107,8 @@ def verify_dataset(ds: Dataset, *, chunks: list[int] | None = None, decode: bool
                 rep.fail(f"{c.key}: block at byte {a}: decoded size differs from the index")
             u8 = np.frombuffer(batch.data, dtype=np.uint8)
             ncig = fx["n_cigar_op"].astype(np.int64)
-            cig = gather(u8, batch.offsets[:-1] + 36 + fx["l_read_name"].astype(np.int64), 4 * ncig).view("<u4")
+            cig_off = batch.offsets[:-1] + 4 + batch.fixed_size + fx["l_read_name"].astype(np.int64)
+            cig = gather(u8, cig_off, 4 * ncig).view("<u4")
             ends = end_positions(fx["pos"], fx["flag"], cigar_ref_lengths(cig, ncig))
             if (fx["refid"] != int(r["ref_id"])).any() or int(fx["pos"][-1]) != int(r["last_start"]) \
                     or int(ends.max()) != int(r["max_end"]):

@@ -30,6 +30,17 @@ FIXED_DTYPE = np.dtype([
 FIXED_SIZE = FIXED_DTYPE.itemsize  # 32
 assert FIXED_SIZE == 32
 
+# The *wide* record (format v1.1, docs/FORMAT.md §11): BAM's layout with pos, next_pos and
+# tlen widened to i64 (fixed part 44 bytes), for SAM data that BAM cannot hold. Same field
+# names, so code reading ``fixed()`` works on either.
+WIDE_FIXED_DTYPE = np.dtype([
+    ("refid", "<i4"), ("pos", "<i8"), ("l_read_name", "u1"), ("mapq", "u1"),
+    ("bin", "<u2"), ("n_cigar_op", "<u2"), ("flag", "<u2"), ("l_seq", "<i4"),
+    ("next_refid", "<i4"), ("next_pos", "<i8"), ("tlen", "<i8"),
+])
+WIDE_FIXED_SIZE = WIDE_FIXED_DTYPE.itemsize  # 44
+assert WIDE_FIXED_SIZE == 44
+
 FLAG_PAIRED, FLAG_PROPER, FLAG_UNMAP, FLAG_MUNMAP = 0x1, 0x2, 0x4, 0x8
 FLAG_REVERSE, FLAG_MREVERSE, FLAG_READ1, FLAG_READ2 = 0x10, 0x20, 0x40, 0x80
 FLAG_SECONDARY, FLAG_QCFAIL, FLAG_DUP, FLAG_SUPPLEMENTARY = 0x100, 0x200, 0x400, 0x800
@@ -63,7 +74,7 @@ class BamHeader:
             name = ref.name.encode() + b"\0"
             parts.append(struct.pack("<i", len(name)))
             parts.append(name)
-            parts.append(struct.pack("<I", ref.length))
+            parts.append(struct.pack("<I", min(ref.length, 0xFFFFFFFF)))  # u32; the text's LN keeps the rest
         return b"".join(parts)
 
     @property
@@ -169,6 +180,11 @@ class RecordBatch:
 
     data: bytes
     offsets: np.ndarray  # int64, len n+1, offsets[0] may be > 0
+    wide: bool = False   # records in the wide layout (WIDE_FIXED_DTYPE), not BAM's
+
+    @property
+    def fixed_size(self) -> int:
+        return WIDE_FIXED_SIZE if self.wide else FIXED_SIZE
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -181,14 +197,14 @@ class RecordBatch:
 
     @classmethod
     def concat(cls, batches: list["RecordBatch"]) -> "RecordBatch":
-        return cls.from_records_view(b"".join([b.raw() for b in batches]))
+        return cls.from_records_view(b"".join([b.raw() for b in batches]), wide=bool(batches) and batches[0].wide)
 
     @classmethod
-    def from_records_view(cls, data: bytes) -> "RecordBatch":
+    def from_records_view(cls, data: bytes, wide: bool = False) -> "RecordBatch":
         offs, end = split_records(data)
         if end != len(data):
             raise BamFormatError("truncated BAM record")
-        return cls(data, offs)
+        return cls(data, offs, wide)
 
     def raw(self) -> memoryview:
         """The records' bytes, contiguous."""
@@ -205,21 +221,22 @@ class RecordBatch:
         data = gather(u8, starts, lens).tobytes()
         offs = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(lens, out=offs[1:])
-        return RecordBatch(data, offs)
+        return RecordBatch(data, offs, self.wide)
 
     def slice(self, a: int, b: int) -> "RecordBatch":
-        return RecordBatch(self.data, self.offsets[a:b + 1])
+        return RecordBatch(self.data, self.offsets[a:b + 1], self.wide)
 
     def fixed(self) -> np.ndarray:
-        """Structured array (FIXED_DTYPE) of the fixed fields of every record."""
+        """Structured array (FIXED_DTYPE, or WIDE_FIXED_DTYPE) of the fixed fields of every record."""
         n = len(self)
+        dtype, size = (WIDE_FIXED_DTYPE, WIDE_FIXED_SIZE) if self.wide else (FIXED_DTYPE, FIXED_SIZE)
         if n == 0:
-            return np.zeros(0, dtype=FIXED_DTYPE)
+            return np.zeros(0, dtype=dtype)
         u8 = np.frombuffer(self.data, dtype=np.uint8)
-        out = np.empty((n, FIXED_SIZE), dtype=np.uint8)
-        if rows_kernel(u8, _as_index(self.offsets[:-1] + 4), FIXED_SIZE, out) >= 0:
+        out = np.empty((n, size), dtype=np.uint8)
+        if rows_kernel(u8, _as_index(self.offsets[:-1] + 4), size, out) >= 0:
             raise IndexError("a record's fixed fields lie outside the batch")
-        return out.reshape(-1).view(FIXED_DTYPE)
+        return out.reshape(-1).view(dtype)
 
 
 def cigar_ref_lengths(cigar_ops: np.ndarray, n_cigar: np.ndarray) -> np.ndarray:
@@ -262,7 +279,61 @@ def sort_keys(fixed: np.ndarray) -> np.ndarray:
     tid -1 (unplaced) sorts after every reference (tids are < 2**30 in practice); ties keep
     input order (samtools sort is stable), so sort with a stable algorithm.
     """
+    if fixed.dtype == WIDE_FIXED_DTYPE:
+        return wide_sort_keys(fixed)
     tid = fixed["refid"].astype(np.int64) & 0x3FFFFFFF
     pos1 = (fixed["pos"].astype(np.int64) + 1) & 0xFFFFFFFF
     rev = (fixed["flag"] >> 4).astype(np.int64) & 1
     return (tid << 33) | (pos1 << 1) | rev
+
+
+WIDE_MAX_POS = (1 << 33) - 2  # largest pos the wide sort key orders (pos + 1 takes 33 bits)
+
+
+def wide_sort_keys(fixed: np.ndarray) -> np.ndarray:
+    """The coordinate sort key of wide records, as uint64: tid (30 bits, -1 last), pos + 1
+    (33 bits), reverse strand (1 bit). Positions above WIDE_MAX_POS are refused."""
+    pos = fixed["pos"].astype(np.int64)
+    if len(pos) and int(pos.max()) > WIDE_MAX_POS:
+        raise BamFormatError(f"position {int(pos.max()) + 1} is beyond the largest supported "
+                             f"({WIDE_MAX_POS + 1})")
+    tid = (fixed["refid"].astype(np.int64) & 0x3FFFFFFF).astype(np.uint64)
+    pos1 = (pos + 1).astype(np.uint64)
+    rev = ((fixed["flag"] >> 4) & 1).astype(np.uint64)
+    return (tid << np.uint64(34)) | (pos1 << np.uint64(1)) | rev
+
+
+_I32_MIN, _I32_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def fits_bam(fixed: np.ndarray) -> bool:
+    """True if every pos, next_pos and tlen of these (wide) fixed fields fits BAM's i32."""
+    return all(len(fixed) == 0 or (int(fixed[k].min()) >= _I32_MIN and int(fixed[k].max()) <= _I32_MAX)
+               for k in ("pos", "next_pos", "tlen"))
+
+
+def to_bam_layout(batch: RecordBatch, zero_positions: bool = False) -> RecordBatch:
+    """The BAM records of a wide batch: the same bytes with a 32-byte fixed part. The values
+    of pos, next_pos and tlen must fit an i32 unless ``zero_positions``, which writes 0 for
+    them (-1 stays -1): a stand-in record whose other fields htslib can format."""
+    if not batch.wide:
+        return batch
+    fx = batch.fixed()
+    n = len(batch)
+    nfx = np.zeros(n, dtype=FIXED_DTYPE)
+    for name in FIXED_DTYPE.names:
+        if zero_positions and name in ("pos", "next_pos", "tlen"):
+            nfx[name] = np.where(fx[name] == -1, -1, 0) if name != "tlen" else 0
+        else:
+            nfx[name] = fx[name]
+    sizes = np.diff(batch.offsets) - (WIDE_FIXED_SIZE - FIXED_SIZE)
+    offs = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offs[1:])
+    out = np.empty(int(offs[-1]), dtype=np.uint8)
+    starts = offs[:-1]
+    var_len = sizes - 4 - FIXED_SIZE
+    scatter(out, starts, np.full(n, 4), (sizes - 4).astype("<i4").view(np.uint8))
+    scatter(out, starts + 4, np.full(n, FIXED_SIZE), nfx.view(np.uint8))
+    u8 = np.frombuffer(batch.data, dtype=np.uint8)
+    scatter(out, starts + 4 + FIXED_SIZE, var_len, gather(u8, batch.offsets[:-1] + 4 + WIDE_FIXED_SIZE, var_len))
+    return RecordBatch(out.tobytes(), offs)

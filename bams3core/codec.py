@@ -22,7 +22,8 @@ from .qualcodec import decode_quals, encode_quals
 from .tags import TagError, decode_tags, encode_tags
 from .kernels import find_mates_kernel
 from .shuffle import shuffle, unshuffle
-from .bam import FIXED_DTYPE, FIXED_SIZE, RecordBatch, cigar_ref_lengths, end_positions, gather, reg2bin, scatter
+from .bam import (FIXED_DTYPE, FIXED_SIZE, WIDE_FIXED_DTYPE, WIDE_FIXED_SIZE, RecordBatch, cigar_ref_lengths,
+                  end_positions, fits_bam, gather, reg2bin, scatter, to_bam_layout)
 
 # (name, element width in bytes for byte-shuffling; 1 = no shuffle) — order is the format.
 STREAMS: tuple[tuple[str, int], ...] = (
@@ -48,6 +49,9 @@ STREAMS: tuple[tuple[str, int], ...] = (
 STREAM_NAMES = tuple(n for n, _ in STREAMS)
 STREAM_INDEX = {n: i for i, n in enumerate(STREAM_NAMES)}
 NSTREAMS = len(STREAMS)
+# Format v1.1 (wide records, docs/FORMAT.md §11): the same streams, but these hold u64 values
+# (64-bit zigzag) so positions, mate positions and TLEN may exceed the i32 range.
+WIDE_STREAM_WIDTHS = {"pos": 8, "npos": 8, "tlen": 8}
 
 # zstd level per stream (tuned for size at convert speed); anything absent uses DEFAULT_LEVEL.
 DEFAULT_LEVEL = 3
@@ -69,6 +73,7 @@ class EncodedBlock:
     max_end: int
     raw_size: int  # bytes of the raw BAM records
     crc32: int
+    wide: bool = False  # encoded from wide records (format v1.1 block layout)
 
 
 def _zz(x: np.ndarray) -> np.ndarray:
@@ -76,6 +81,16 @@ def _zz(x: np.ndarray) -> np.ndarray:
     if len(x) and (x.min() < -(1 << 31) or x.max() > (1 << 31) - 1):
         raise CodecError("a position/TLEN difference does not fit in 32 bits")
     return ((x << 1) ^ (x >> 63)).astype(np.uint32)
+
+
+def _zz64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.int64)
+    return ((x << 1) ^ (x >> 63)).view(np.uint64)
+
+
+def _unzz64(u: np.ndarray) -> np.ndarray:
+    u = u.astype(np.uint64)
+    return ((u >> np.uint64(1)) ^ (np.uint64(0) - (u & np.uint64(1)))).view(np.int64)
 
 
 def _unzz(u: np.ndarray) -> np.ndarray:
@@ -141,8 +156,13 @@ class BlockEncoder:
         n = len(batch)
         if n == 0:
             raise ValueError("cannot encode an empty block")
-        u8 = np.frombuffer(batch.data, dtype=np.uint8)
         fx = batch.fixed() if fx is None else fx
+        if batch.wide and fits_bam(fx):  # wide records whose values BAM can hold: a v1 block
+            batch = to_bam_layout(batch)
+            fx = batch.fixed()
+        u8 = np.frombuffer(batch.data, dtype=np.uint8)
+        wide = batch.wide
+        zzw = _zz64 if wide else _zz  # the pos, npos and tlen streams (u64 in wide blocks)
         starts = batch.offsets[:-1]
         sizes = batch.offsets[1:] - starts  # includes the 4-byte block_size
         l_name = fx["l_read_name"].astype(np.int64)
@@ -151,7 +171,7 @@ class BlockEncoder:
         if (l_seq < 0).any():
             raise CodecError("negative l_seq")
         l_packed = (l_seq + 1) // 2
-        name_off = starts + 4 + FIXED_SIZE
+        name_off = starts + 4 + batch.fixed_size
         cig_off = name_off + l_name
         seq_off = cig_off + 4 * n_cig
         qual_off = seq_off + l_packed
@@ -179,15 +199,15 @@ class BlockEncoder:
         name_keep = np.repeat(un, l_name)
         raw = {
             "refid": _zz(refid - ref_id),
-            "pos": _zz(np.diff(pos, prepend=pos[0])),
+            "pos": zzw(np.diff(pos, prepend=pos[0])),
             "flag": fx["flag"].copy(),
             "mapq": fx["mapq"].copy(),
             "bin": bins.astype(np.uint16),
             "lseq": fx["l_seq"].astype(np.uint32),
             "mate": link.astype(np.uint16),
             "nref": _zz((nref - refid)[un]),
-            "npos": _zz((npos - pos)[un]),
-            "tlen": _zz((tlen - predict_tlen(refid, pos, nref, npos, fx["flag"], rlen))[un]),
+            "npos": zzw((npos - pos)[un]),
+            "tlen": zzw((tlen - predict_tlen(refid, pos, nref, npos, fx["flag"], rlen))[un]),
             "lname": fx["l_read_name"][un].copy(),
             "name": names[name_keep],
             "ncigar": fx["n_cigar_op"].copy(),
@@ -205,7 +225,9 @@ class BlockEncoder:
             elif name == "qual":
                 frames.append(encode_quals(raw["qual"], l_seq))
             else:
-                frames.append(self._cctx[name].compress(shuffle(raw[name], width)))
+                if wide:
+                    width = WIDE_STREAM_WIDTHS.get(name, width)
+                frames.append(self._cctx[name].compress(shuffle(np.ascontiguousarray(raw[name]), width)))
         data = b"".join(frames)
         return EncodedBlock(
             data=data,
@@ -217,6 +239,7 @@ class BlockEncoder:
             max_end=int(ends.max()),
             raw_size=int(sizes.sum()),
             crc32=zlib.crc32(data),
+            wide=wide,
         )
 
 
@@ -250,8 +273,10 @@ def _decompress(frame: bytes) -> bytes:
         raise CodecError(f"corrupt stream ({e})") from None
 
 
-def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_start: int) -> RecordBatch:
-    """Rebuild the raw BAM records of a block (inverse of :meth:`BlockEncoder.encode`)."""
+def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_start: int,
+                 wide: bool = False) -> RecordBatch:
+    """Rebuild the raw BAM records of a block (inverse of :meth:`BlockEncoder.encode`);
+    ``wide``: a v1.1 block, decoded to wide records."""
     frames = split_streams(data, stream_sizes)
     s = {name: _decompress(frames[name]) for name in STREAM_NAMES if name not in ("tags", "name", "qual")}
     n = n_records
@@ -264,9 +289,16 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
             raise CodecError(f"stream {name!r} holds {len(a)} values for {count} records")
         return a
 
-    fx = np.zeros(n, dtype=FIXED_DTYPE)
+    fixed_dtype, fixed_size = (WIDE_FIXED_DTYPE, WIDE_FIXED_SIZE) if wide else (FIXED_DTYPE, FIXED_SIZE)
+
+    def diffs(name, count=None):  # a zigzagged difference stream (u64 for pos/npos/tlen when wide)
+        if wide and name in WIDE_STREAM_WIDTHS:
+            return _unzz64(arr(name, "<u8", count))
+        return _unzz(arr(name, "<u4", count)).astype(np.int64)
+
+    fx = np.zeros(n, dtype=fixed_dtype)
     fx["refid"] = _unzz(arr("refid", "<u4")).astype(np.int64) + ref_id
-    pos = np.cumsum(_unzz(arr("pos", "<u4")).astype(np.int64))
+    pos = np.cumsum(diffs("pos"))
     pos += first_start - (pos[0] if n else 0)
     fx["pos"] = pos
     fx["flag"] = arr("flag", "<u2")
@@ -294,9 +326,9 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
     npos = np.zeros(n, dtype=np.int64)
     tlen = np.zeros(n, dtype=np.int64)
     nref[un] = _unzz(sub("nref", "<u4")).astype(np.int64) + refid[un]
-    npos[un] = _unzz(sub("npos", "<u4")).astype(np.int64) + pos[un]
+    npos[un] = diffs("npos", nun) + pos[un]
     pred = predict_tlen(refid, pos, nref, npos, fx["flag"].astype(np.int64), rlen)
-    tlen[un] = _unzz(sub("tlen", "<u4")).astype(np.int64) + pred[un]
+    tlen[un] = diffs("tlen", nun) + pred[un]
     lk = ~un
     nref[lk] = refid[tgt[lk]]
     npos[lk] = pos[tgt[lk]]
@@ -339,15 +371,15 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
     ends = end_positions(pos, fx["flag"], rlen)
     fx["bin"] = (reg2bin(pos, ends) + arr("bin", "<u2")) & 0xFFFF
 
-    body = FIXED_SIZE + l_name + 4 * n_cig + l_packed + l_seq + l_tags
+    body = fixed_size + l_name + 4 * n_cig + l_packed + l_seq + l_tags
     sizes = 4 + body
     offs = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(sizes, out=offs[1:])
     out = np.empty(int(offs[-1]), dtype=np.uint8)
     starts = offs[:-1]
     scatter(out, starts, np.full(n, 4), body.astype("<i4").view(np.uint8))
-    scatter(out, starts + 4, np.full(n, FIXED_SIZE), fx.view(np.uint8))
-    p = starts + 4 + FIXED_SIZE
+    scatter(out, starts + 4, np.full(n, fixed_size), fx.view(np.uint8))
+    p = starts + 4 + fixed_size
     scatter(out, p, l_name, names)
     p = p + l_name
     scatter(out, p, 4 * n_cig, cigar.view(np.uint8))
@@ -357,7 +389,7 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
     scatter(out, p, l_seq, qual)
     p = p + l_seq
     scatter(out, p, l_tags, tags)
-    return RecordBatch(out.tobytes(), offs)
+    return RecordBatch(out.tobytes(), offs, wide)
 
 
 def decode_columns(data_by_stream: dict[str, bytes], n_records: int, names) -> dict[str, np.ndarray]:

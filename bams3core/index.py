@@ -25,6 +25,11 @@ from .shuffle import shuffle, unshuffle
 
 FORMAT_NAME = "bams3"
 FORMAT_VERSION = 1
+# Format v1.1 (docs/FORMAT.md §11): 64-bit positions. Written only for data that needs it.
+# A v1 reader rejects it at the manifest's `version` (it accepts only the integer 1).
+FORMAT_VERSION_WIDE = "1.1"
+READ_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_WIDE)
+INDEX_VERSION_WIDE = 0x0101  # the index page header's u16 version in v1.1 (major 1, minor 1)
 MANIFEST_KEY = "manifest.json"
 HEADER_KEY = "header.sam"
 INDEX_MAGIC = b"B3IX"
@@ -42,6 +47,32 @@ ENTRY_DTYPE = np.dtype([
     ("crc32", "<u4"),         # CRC-32 (zlib) of the block's compressed bytes
     ("stream_sizes", "<u4", (NSTREAMS,)),
 ])
+# v1.1: first_start and last_start are i64, and `layout` says how the block is encoded
+# (0: v1 streams, 1: wide streams with u64 pos/npos/tlen); 129 bytes per entry.
+ENTRY_DTYPE_WIDE = np.dtype([(name, "<i8" if name in ("first_start", "last_start") else ENTRY_DTYPE[name])
+                             for name in ENTRY_DTYPE.names] + [("layout", "u1")])
+
+
+def widen_entries(rows: np.ndarray) -> np.ndarray:
+    """v1 index rows as v1.1 rows (layout 0); v1.1 rows unchanged."""
+    if rows.dtype == ENTRY_DTYPE_WIDE:
+        return rows
+    out = np.zeros(len(rows), dtype=ENTRY_DTYPE_WIDE)
+    for name in ENTRY_DTYPE.names:
+        out[name] = rows[name]
+    return out
+
+
+def narrow_entries(rows: np.ndarray) -> np.ndarray:
+    """v1.1 rows of v1 blocks only (layout 0) as v1 rows, so their index object stays v1."""
+    if rows.dtype == ENTRY_DTYPE:
+        return rows
+    if rows["layout"].any():
+        raise ValueError("rows of wide blocks need a v1.1 index")
+    out = np.zeros(len(rows), dtype=ENTRY_DTYPE)
+    for name in ENTRY_DTYPE.names:
+        out[name] = rows[name]
+    return out
 
 
 class IndexError_(ValueError):
@@ -59,10 +90,12 @@ _DELTA_FIELDS = {"offset", "first_start", "last_start"}
 def encode_index(entries: np.ndarray) -> bytes:
     """Serialise index rows column by column (deltas for offsets and positions, each column
     byte-shuffled), then zstd: a few bytes per block instead of ~120."""
-    entries = np.ascontiguousarray(entries.astype(ENTRY_DTYPE))
-    head = INDEX_MAGIC + struct.pack("<HHI", FORMAT_VERSION, NSTREAMS, len(entries))
+    dtype, version = (ENTRY_DTYPE_WIDE, INDEX_VERSION_WIDE) if entries.dtype == ENTRY_DTYPE_WIDE else \
+        (ENTRY_DTYPE, FORMAT_VERSION)
+    entries = np.ascontiguousarray(entries.astype(dtype))
+    head = INDEX_MAGIC + struct.pack("<HHI", version, NSTREAMS, len(entries))
     cols = []
-    for name in ENTRY_DTYPE.names:
+    for name in dtype.names:
         col = np.ascontiguousarray(entries[name])
         if name in _DELTA_FIELDS and len(col):
             col = np.diff(col.astype(np.int64), prepend=np.int64(0)).astype(col.dtype)
@@ -122,7 +155,9 @@ def select_pages(pages: list[IndexPage], beg: int, end: int) -> list[int]:
     return [i for i, p in enumerate(pages) if p.first_start < end and p.max_end > beg]
 
 
-def decode_index(data: bytes) -> np.ndarray:
+def decode_index(data: bytes, wide_ok: bool = True) -> np.ndarray:
+    """Index rows of one page (ENTRY_DTYPE, or ENTRY_DTYPE_WIDE for a v1.1 page, which is
+    refused unless ``wide_ok``: a v1 dataset has only v1 pages)."""
     try:
         raw = zstandard.ZstdDecompressor().decompress(data)
     except zstandard.ZstdError as e:
@@ -130,15 +165,17 @@ def decode_index(data: bytes) -> np.ndarray:
     if raw[:4] != INDEX_MAGIC or len(raw) < 12:
         raise IndexError_("not a bams3 index object")
     version, nstreams, n = struct.unpack_from("<HHI", raw, 4)
-    if version != FORMAT_VERSION or nstreams != NSTREAMS:
+    if version not in (FORMAT_VERSION, INDEX_VERSION_WIDE) or nstreams != NSTREAMS or \
+            (version == INDEX_VERSION_WIDE and not wide_ok):
         raise IndexError_(f"unsupported index version {version} / {nstreams} streams")
+    dtype = ENTRY_DTYPE_WIDE if version == INDEX_VERSION_WIDE else ENTRY_DTYPE
     body = memoryview(raw)[12:]
-    if len(body) != n * ENTRY_DTYPE.itemsize:
+    if len(body) != n * dtype.itemsize:
         raise IndexError_("index object has the wrong length")
-    out = np.zeros(n, dtype=ENTRY_DTYPE)
+    out = np.zeros(n, dtype=dtype)
     p = 0
-    for name in ENTRY_DTYPE.names:
-        dt, shape = ENTRY_DTYPE[name].base, ENTRY_DTYPE[name].shape
+    for name in dtype.names:
+        dt, shape = dtype[name].base, dtype[name].shape
         k = int(np.prod(shape)) if shape else 1
         size = n * k * dt.itemsize
         col = unshuffle(body[p:p + size], dt.itemsize, dt)
@@ -148,6 +185,15 @@ def decode_index(data: bytes) -> np.ndarray:
         else:
             out[name] = np.cumsum(col.astype(np.int64)).astype(dt) if name in _DELTA_FIELDS else col
     return out
+
+
+def check_version(version, supported=READ_VERSIONS) -> None:
+    """The manifest's version gate. A v1-only reader is this gate with ``supported=(1,)``:
+    ``"1.1"`` (a string) is not the integer 1, so it refuses v1.1 datasets here, before
+    reading any index or chunk."""
+    if isinstance(version, bool) or version not in supported:
+        names = " or ".join(str(v) for v in supported)
+        raise IndexError_(f"unsupported bams3 format version {version} (this reader reads {names})")
 
 
 @dataclass
@@ -182,7 +228,7 @@ class Manifest:
     sorted_by: str = "input"               # "input": already coordinate-sorted; "bams3": sorted on convert
     source: str = ""
     format: str = FORMAT_NAME
-    version: int = FORMAT_VERSION
+    version: int | str = FORMAT_VERSION    # 1, or "1.1" for a dataset of wide records
     streams: list[str] = field(default_factory=lambda: list(STREAM_NAMES))
     compression: str = "zstd"
     extra: dict = field(default_factory=dict)
@@ -218,8 +264,7 @@ class Manifest:
             if d["checksum"] != want:
                 raise IndexError_(f"manifest checksum mismatch: it records {str(d['checksum'])[:80]!r}, "
                                   f"its content hashes to {want!r}; the manifest is corrupted")
-        if d.get("version") != FORMAT_VERSION:
-            raise IndexError_(f"unsupported bams3 format version {d.get('version')} (this reader reads {FORMAT_VERSION})")
+        check_version(d.get("version"))
         if d.get("streams") != list(STREAM_NAMES):
             raise IndexError_("manifest lists streams this reader does not know")
         try:
@@ -231,6 +276,11 @@ class Manifest:
             return cls(**d)
         except (TypeError, KeyError) as e:
             raise IndexError_(f"malformed manifest ({e})") from None
+
+    @property
+    def wide(self) -> bool:
+        """A v1.1 dataset: wide records (64-bit positions), v1.1 blocks and index pages."""
+        return self.version == FORMAT_VERSION_WIDE
 
     @property
     def ref_ids(self) -> dict[str, int]:

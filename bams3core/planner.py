@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .bam import RecordBatch, sort_keys
+from .bam import FIXED_SIZE, WIDE_FIXED_SIZE, RecordBatch, sort_keys
 from .codec import EncodedBlock
 
 DEFAULT_BLOCK_BYTES = 256 << 10
@@ -58,6 +58,8 @@ class BlockPlanner:
             self._pending = None
         refid = fx["refid"]
         sizes = np.diff(batch.offsets)
+        if batch.wide:  # blocks are cut by BAM size, so wide input that BAM can hold cuts as BAM does
+            sizes = sizes - (WIDE_FIXED_SIZE - FIXED_SIZE)
         n = len(batch)
         start = 0
         # split points where the reference changes
@@ -130,13 +132,14 @@ class ChunkAssembler:
 
 def index_entries(chunk: PlannedChunk) -> np.ndarray:
     """Index rows for the blocks of a chunk (offsets within the chunk object)."""
-    from .index import ENTRY_DTYPE
+    from .index import ENTRY_DTYPE, ENTRY_DTYPE_WIDE
 
-    rows = np.zeros(len(chunk.blocks), dtype=ENTRY_DTYPE)
+    wide = any(b.wide for b in chunk.blocks)  # a wide block: v1.1 rows (with their layout)
+    rows = np.zeros(len(chunk.blocks), dtype=ENTRY_DTYPE_WIDE if wide else ENTRY_DTYPE)
     off = 0
     for i, b in enumerate(chunk.blocks):
         length = sum(b.stream_sizes)  # (b.data may already be released into the payload)
         rows[i] = (chunk.number, off, length, b.n_records, b.ref_id, b.first_start, b.last_start,
-                   b.max_end, b.raw_size, b.crc32, b.stream_sizes)
+                   b.max_end, b.raw_size, b.crc32, b.stream_sizes) + ((int(b.wide),) if wide else ())
         off += length
     return rows

@@ -68,7 +68,7 @@ def overlap_mask(batch: RecordBatch, region: Region) -> np.ndarray:
         return fx["refid"] == -1
     u8 = np.frombuffer(batch.data, dtype=np.uint8)
     n_cig = fx["n_cigar_op"].astype(np.int64)
-    cig_off = batch.offsets[:-1] + 4 + 32 + fx["l_read_name"].astype(np.int64)
+    cig_off = batch.offsets[:-1] + 4 + batch.fixed_size + fx["l_read_name"].astype(np.int64)
     cigar = gather(u8, cig_off, 4 * n_cig).view("<u4")
     ends = end_positions(fx["pos"], fx["flag"], cigar_ref_lengths(cigar, n_cig))
     pos = fx["pos"].astype(np.int64)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-MAX_END = (1 << 31) - 1
+MAX_END = (((1 << 31) - 1) << 32) | ((1 << 31) - 1)  # htslib's HTS_POS_MAX: "to the end", 64-bit positions
 
 
 class RegionError(ValueError):

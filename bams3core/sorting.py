@@ -47,9 +47,11 @@ def encode_run_frames(batches: list[RecordBatch], cctx: zstandard.ZstdCompressor
     return b"".join(out)
 
 
-def decode_run_frames(read, dctx: zstandard.ZstdDecompressor | None = None) -> Iterator[RecordBatch]:
+def decode_run_frames(read, dctx: zstandard.ZstdDecompressor | None = None,
+                      wide: bool = False) -> Iterator[RecordBatch]:
     """Frames of a run from a ``read(n)`` callable (a file-like's read). Runs merged by one
-    thread can share ``dctx`` (a context per run would cost memory per run)."""
+    thread can share ``dctx`` (a context per run would cost memory per run). ``wide``: the
+    run holds wide records (:data:`bams3core.bam.WIDE_FIXED_DTYPE`)."""
     dctx = dctx or zstandard.ZstdDecompressor()
     while True:
         head = read(4)
@@ -66,7 +68,7 @@ def decode_run_frames(read, dctx: zstandard.ZstdDecompressor | None = None) -> I
             comp += part
         raw = dctx.decompress(comp)
         offs, end = split_records(raw)
-        yield RecordBatch(raw, offs)
+        yield RecordBatch(raw, offs, wide)
 
 
 def merge_sorted(runs: list[Iterable[RecordBatch]]) -> Iterator[RecordBatch]:
@@ -107,7 +109,7 @@ def merge_sorted(runs: list[Iterable[RecordBatch]]) -> Iterator[RecordBatch]:
                 pkeys.append(keys[i][:stop])
                 prun.append(np.full(stop, i, dtype=np.int64))
                 rest = bufs[i].slice(stop, len(bufs[i]))
-                bufs[i], keys[i] = RecordBatch(rest.data, rest.offsets), keys[i][stop:]
+                bufs[i], keys[i] = RecordBatch(rest.data, rest.offsets, rest.wide), keys[i][stop:]
         if not pieces:
             return None
         if len(pieces) == 1:
