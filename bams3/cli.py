@@ -205,10 +205,9 @@ def cmd_export(args, argv) -> int:
 def cmd_verify(args, argv) -> int:
     from .verify import verify_dataset
 
-    from .dataset import Dataset
-
     # the store's bytes, not a cached copy: the manifest, header and index are revalidated
-    ds = Dataset.open(_open_store(args.dataset, args, write=False), threads=args.threads, refresh=True)
+    args.refresh = True
+    ds = _open_dataset(args)
     rep = verify_dataset(ds)
     for p in rep.problems:  # the report, on stdout; stderr gets one line, as for every error
         print(f"bams3: {p}")
