@@ -187,16 +187,19 @@ def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, s
     ``commit(writer)`` commits the manifest (default: ``writer.commit()``)."""
     t0 = time.time()
     header = inp.header
-    already_sorted = header_sort_order(header.text) == "coordinate"
+    # no reference (no @SQ lines: unaligned reads): every record is unplaced and keeps its input
+    # order and header; there is no position to sort by (FORMAT.md §4, sorted_by "unplaced")
+    unaligned = not header.references
+    already_sorted = unaligned or header_sort_order(header.text) == "coordinate"
     if not already_sorted:
         header.text = sorted_header_text(header.text)
+    sorted_by = "unplaced" if unaligned else "input" if already_sorted else "bams3"
     writer = DatasetWriter(store, header, block_bytes=opts.block_bytes, chunk_bytes=opts.chunk_bytes,
-                           overwrite=opts.overwrite, sorted_by="input" if already_sorted else "bams3",
-                           source=source)
+                           overwrite=opts.overwrite, sorted_by=sorted_by, source=source)
     threads = max(1, opts.threads)
     upload_conc = opts.upload_concurrency or getattr(store, "concurrency", None) or 2 * threads
     own_executor = executor is None
-    planner = BlockPlanner(opts.block_bytes)
+    planner = BlockPlanner(opts.block_bytes, check_order=not unaligned)
     assembler = ChunkAssembler(opts.chunk_bytes)
     sorter = None
     pending_enc: deque = deque()

@@ -69,7 +69,8 @@ def write_sam(header: BamHeader, batches: Iterable[RecordBatch], out: BinaryIO, 
     n = 0
     for af in iter_segments(header, batches):
         if with_header:
-            text = str(af.header)
+            # pysam's text of a header without @SQ lines gains a blank line; samtools prints it verbatim
+            text = str(af.header) if header.references else header.text
             if pg_line:
                 text += pg_line + "\n"
             out.write(text.encode("utf-8", errors="surrogateescape"))
