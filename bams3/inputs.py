@@ -19,6 +19,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Iterator
 
+import numpy as np
+
 from bams3core.bam import BamFormatError, BamHeader, RecordBatch, parse_header, split_records
 
 from .errors import InputError
@@ -158,21 +160,37 @@ class AlignmentInput:
 
     def batches(self, batch_bytes: int = 4 << 20) -> Iterator[RecordBatch]:
         buf = self._buf
+        n = 0
         for piece in self._iter:
             buf = buf + piece if buf else piece
             if len(buf) < batch_bytes:
                 continue
             batch, buf = self._split(buf)
             if batch is not None:
+                n = self._check_refs(batch, n)
                 yield batch
         while buf:
             batch, rest = self._split(buf)
             if batch is None:
                 raise InputError(f"{self.name}: truncated BAM record at end of input (file cut short?)")
             buf = rest
+            n = self._check_refs(batch, n)
             yield batch
         if self._check_complete:
             self._check_complete()
+
+    def _check_refs(self, batch: RecordBatch, before: int) -> int:
+        """Every refID and next refID names a reference of the header (or is -1)."""
+        fx = batch.fixed()
+        n_ref = len(self.header.references)
+        for col, what in (("refid", "reference"), ("next_refid", "mate reference")):
+            v = fx[col]
+            bad = np.flatnonzero((v < -1) | (v >= n_ref))
+            if len(bad):
+                i = int(bad[0])
+                raise InputError(f"{self.name}: record {before + i + 1}: {what} id {int(v[i])} is not in the header "
+                                 f"(it has {n_ref} @SQ reference{'s' if n_ref != 1 else ''})")
+        return before + len(batch)
 
     def _split(self, buf: bytes):
         try:
