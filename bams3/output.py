@@ -92,16 +92,55 @@ def write_bam(header: BamHeader, batches: Iterable[RecordBatch], path: str, *, t
     import pysam
 
     n = 0
-    for af in iter_segments(header, batches):
-        hdr = af.header
-        if pg_line:
-            hdr = pysam.AlignmentHeader.from_text(str(af.header) + pg_line + "\n")
-        with pysam.AlignmentFile(path, "wb", header=hdr, threads=max(1, threads)) as out:
-            for rec in af:
-                out.write(rec)
-                n += 1
+    if "\0" in header.text:
+        n = _write_bam_verbatim(header, batches, path, pg_line)
+    else:
+        for af in iter_segments(header, batches):
+            hdr = af.header
+            if pg_line:
+                hdr = pysam.AlignmentHeader.from_text(str(af.header) + pg_line + "\n")
+            with pysam.AlignmentFile(path, "wb", header=hdr, threads=max(1, threads)) as out:
+                for rec in af:
+                    out.write(rec)
+                    n += 1
     if index and path != "-":
+        write_index(path, header)
+    return n
+
+
+BAI_MAX_POS = 1 << 29  # BAI bins cover positions below 2**29 (SAM spec §5.3)
+
+
+def write_index(path: str, header: BamHeader) -> str:
+    """``samtools index`` the BAM: a .bai, or a .csi (``samtools index -c``) if a reference is
+    longer than a BAI can address. A stale index of the other kind is removed."""
+    import pysam
+
+    csi = any(r.length > BAI_MAX_POS for r in header.references)
+    made, stale = (path + ".csi", path + ".bai") if csi else (path + ".bai", path + ".csi")
+    if os.path.exists(stale):
+        os.unlink(stale)
+    if csi:
+        pysam.index("-c", path)
+    else:
         pysam.index(path)
+    return made
+
+
+def _write_bam_verbatim(header: BamHeader, batches: Iterable[RecordBatch], path: str, pg_line: str | None) -> int:
+    """The header bytes as they are (htslib would rewrite a header holding NUL bytes, and read
+    the rewritten one differently), then the raw records, BGZF-compressed."""
+    import pysam
+
+    if pg_line:
+        text = header.text.rstrip("\0")
+        header = BamHeader(text + pg_line + "\n" + header.text[len(text):], header.references)
+    n = 0
+    with pysam.BGZFile(path if path != "-" else "/dev/stdout", "wb") as out:
+        out.write(header.to_bytes())
+        for b in batches:
+            out.write(bytes(b.raw()))
+            n += len(b)
     return n
 
 
