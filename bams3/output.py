@@ -71,6 +71,8 @@ def write_sam(header: BamHeader, batches: Iterable[RecordBatch], out: BinaryIO, 
         if with_header:
             # pysam's text of a header without @SQ lines gains a blank line; samtools prints it verbatim
             text = str(af.header) if header.references else header.text
+            if "\0" in header.text:
+                text = _samtools_header_text(header)
             if pg_line:
                 text += pg_line + "\n"
             out.write(text.encode("utf-8", errors="surrogateescape"))
@@ -106,6 +108,19 @@ def write_bam(header: BamHeader, batches: Iterable[RecordBatch], path: str, *, t
     if index and path != "-":
         write_index(path, header)
     return n
+
+
+def _samtools_header_text(header: BamHeader) -> str:
+    """What `samtools view -H` prints for this header: htslib repairs a header holding NUL
+    bytes in ways pysam's text of it does not show. A header-only BAM, through samtools."""
+    import tempfile
+
+    import pysam
+
+    with tempfile.TemporaryDirectory(prefix="bams3-hdr-") as d:
+        path = os.path.join(d, "h.bam")
+        _write_bam_verbatim(header, [], path, None)
+        return pysam.samtools.view("--no-PG", "-H", path)
 
 
 BAI_MAX_POS = 1 << 29  # BAI bins cover positions below 2**29 (SAM spec §5.3)

@@ -64,7 +64,9 @@ def describe_failure(log: str, exc: BaseException, is_sam: bool) -> str:
     if line_no is not None:
         return f"cannot parse SAM line {line_no}: {what or 'malformed record (a field is missing or not a number)'}"
     if any("cram_get_ref" in ln or "reference" in ln.lower() and "cram" in ln.lower() for ln in lines):
-        return ("cannot decode CRAM: its reference sequence is not available (give it with --reference FASTA, "
+        names = re.findall(r'Failed to populate reference "([^"]*)"', log)
+        which = f"the reference sequence of {names[0]!r}" if names else "its reference sequence"
+        return (f"cannot decode CRAM: {which} is not available (give the FASTA with --reference, "
                 "or set REF_PATH/REF_CACHE)")
     if what:
         return f"cannot parse input: {what}"
