@@ -7,6 +7,7 @@ This is the one implementation used by ``bams3 convert`` and by the Prefect flow
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections import deque
@@ -14,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from bams3core.bam import RecordBatch
+from bams3core.bam import BamHeader, RecordBatch
+from bams3core.codec import CodecError, decode_block
 from bams3core.index import Manifest
 from bams3core.planner import (DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK_BYTES, BlockPlanner, ChunkAssembler, OrderError,
                                PlannedChunk)
@@ -25,7 +27,7 @@ import numpy as np
 import zstandard
 
 from .dataset import DatasetWriter, encode_block
-from .errors import Bams3Error, InputError
+from .errors import Bams3Error, DatasetError, InputError
 from .inputs import AlignmentInput, open_input
 from .store import Store
 
@@ -44,6 +46,11 @@ class ConvertOptions:
     upload_concurrency: int | None = None  # default: the store's concurrency, else 2 x threads
     slice_bytes: int = 2 << 20  # raw record bytes per encode step (one Prefect `chunk` task)
     progress: Callable[[dict], None] | None = None
+    warn: Callable[[str], None] | None = None  # one line about the input (default: stderr)
+
+
+def stderr_warning(msg: str) -> None:
+    print(f"bams3: warning: {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -147,6 +154,23 @@ class ExternalSorter:
         yield from self._merge(runs)
 
 
+def read_back(writer: DatasetWriter) -> Iterator[RecordBatch]:
+    """The records a (not yet committed) run has written, in order, decoded from its chunks:
+    the sorted prefix of an input whose header claimed SO:coordinate wrongly, merged with the
+    sorted rest. One chunk in memory at a time."""
+    for rows in writer.block_rows():
+        for number in np.unique(rows["chunk"]):
+            key = writer.chunk_key(int(number))
+            data = writer.store.get(key)
+            for row in rows[rows["chunk"] == number]:
+                a = int(row["offset"])
+                try:
+                    yield decode_block(data[a:a + int(row["length"])], row["stream_sizes"].tolist(),
+                                       int(row["n_records"]), int(row["ref_id"]), int(row["first_start"]))
+                except CodecError as e:
+                    raise DatasetError(f"{writer.store.uri}/{key}: {e} (reading back this run's chunk)") from None
+
+
 # -- the pipeline -------------------------------------------------------------------------
 def encode_slice(blocks: list[RecordBatch]) -> list[tuple]:
     """Encode a slice of planned blocks: [(EncodedBlock, fixed fields, flagstat counts)]."""
@@ -188,17 +212,21 @@ def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, s
     ``commit(writer)`` commits the manifest (default: ``writer.commit()``)."""
     t0 = time.time()
     header = inp.header
-    already_sorted = header_sort_order(header.text) == "coordinate"
+    # no reference (no @SQ lines: unaligned reads): every record is unplaced and keeps its input
+    # order and header; there is no position to sort by (FORMAT.md §4, sorted_by "unplaced")
+    unaligned = not header.references
+    already_sorted = unaligned or header_sort_order(header.text) == "coordinate"
     if not already_sorted:
         header.text = sorted_header_text(header.text)
+    sorted_by = "unplaced" if unaligned else "input" if already_sorted else "bams3"
     writer = DatasetWriter(store, header, block_bytes=opts.block_bytes, chunk_bytes=opts.chunk_bytes,
-                           overwrite=opts.overwrite, sorted_by="input" if already_sorted else "bams3",
-                           source=source)
+                           overwrite=opts.overwrite, sorted_by=sorted_by, source=source)
     threads = max(1, opts.threads)
     upload_conc = opts.upload_concurrency or getattr(store, "concurrency", None) or 2 * threads
     own_executor = executor is None
-    planner = BlockPlanner(opts.block_bytes)
+    planner = BlockPlanner(opts.block_bytes, check_order=not unaligned)
     assembler = ChunkAssembler(opts.chunk_bytes)
+    writers = [writer]  # a second one if the input turns out unsorted despite SO:coordinate
     sorter = None
     pending_enc: deque = deque()
     pending_up: deque = deque()
@@ -259,20 +287,47 @@ def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, s
                 if slice_bytes >= opts.slice_bytes:
                     submit_slice()
 
+        def finish_blocks() -> None:
+            add_blocks(list(planner.flush()))
+            submit_slice()
+            take_encoded(0)
+            last = assembler.flush()
+            if last is not None:
+                submit_chunk(last)
+            drain_uploads(0)
+
+        unsorted_at = None
         for batch in stream:
             try:
                 add_blocks(list(planner.feed(batch)))
             except OrderError as e:
-                raise InputError(f"{inp.name}: {e}; the header says SO:coordinate but it is not. "
-                                 "Fix the header (e.g. samtools sort) and convert again") from None
-        add_blocks(list(planner.flush()))
-        submit_slice()
-        take_encoded(0)
-        last = assembler.flush()
-        if last is not None:
-            submit_chunk(last)
-        drain_uploads(0)
+                unsorted_at = (batch, e)
+                break
+        if unsorted_at is not None:
+            # The header said SO:coordinate, but it is not so. What was written is a sorted
+            # prefix: finish it, sort the rest, and write a new run from the merge of the two.
+            batch, e = unsorted_at
+            (opts.warn or stderr_warning)(f"{inp.name}: the header says SO:coordinate but the {e}; sorting them")
+            if e.in_order:
+                add_blocks(list(planner.feed(batch.slice(0, e.in_order))))
+            finish_blocks()
+            prefix = writer
+            writer = DatasetWriter(store, BamHeader(sorted_header_text(header.text), header.references),
+                                   block_bytes=opts.block_bytes, chunk_bytes=opts.chunk_bytes,
+                                   overwrite=opts.overwrite, sorted_by="bams3", source=source)
+            writers.append(writer)
+            writer.prepare()
+            planner = BlockPlanner(opts.block_bytes)
+            assembler = ChunkAssembler(opts.chunk_bytes)
+            state["written"] = 0
+            sorter = ExternalSorter(store, writer.run_id, opts.max_memory)
+            rest = itertools.chain([batch.slice(e.in_order, len(batch))], stream)
+            for b in merge_sorted([read_back(prefix), sorter.sort(rest)]):
+                add_blocks(list(planner.feed(b)))
+        finish_blocks()
         manifest = commit(writer) if commit else writer.commit()
+        if len(writers) > 1:
+            writers[0].abort()  # the prefix run: its records are in the committed run
     except BaseException:
         for f in pending_enc:
             f.cancel()
@@ -280,8 +335,9 @@ def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, s
             f.cancel()
         if own_executor and executor is not None:
             executor.shutdown(cancel=True)
-        if writer.run_id and writer.prepared:
-            writer.abort()
+        for w in writers:
+            if w.run_id and w.prepared:
+                w.abort()
         raise
     finally:
         inp.close()

@@ -194,6 +194,14 @@ class DatasetWriter:
                 self._rows.append(rows[start:i])
                 start = i
 
+    def block_rows(self) -> Iterator[np.ndarray]:
+        """Index rows of every block recorded so far, in record order (index objects already
+        written are read back)."""
+        for ref in self.index:
+            yield decode_index(self.store.get(ref.key))
+        if self._rows:
+            yield np.concatenate(self._rows)
+
     def _flush_index(self) -> None:
         if self._rows_ref is None or not self._rows:
             return

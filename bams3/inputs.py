@@ -9,6 +9,7 @@ Nothing is read whole into memory.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import struct
 import subprocess
@@ -17,6 +18,8 @@ import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Iterator
+
+import numpy as np
 
 from bams3core.bam import BamFormatError, BamHeader, RecordBatch, parse_header, split_records
 
@@ -158,21 +161,37 @@ class AlignmentInput:
 
     def batches(self, batch_bytes: int = 4 << 20) -> Iterator[RecordBatch]:
         buf = self._buf
+        n = 0
         for piece in self._iter:
             buf = buf + piece if buf else piece
             if len(buf) < batch_bytes:
                 continue
             batch, buf = self._split(buf)
             if batch is not None:
+                n = self._check_refs(batch, n)
                 yield batch
         while buf:
             batch, rest = self._split(buf)
             if batch is None:
                 raise InputError(f"{self.name}: truncated BAM record at end of input (file cut short?)")
             buf = rest
+            n = self._check_refs(batch, n)
             yield batch
         if self._check_complete:
             self._check_complete()
+
+    def _check_refs(self, batch: RecordBatch, before: int) -> int:
+        """Every refID and next refID names a reference of the header (or is -1)."""
+        fx = batch.fixed()
+        n_ref = len(self.header.references)
+        for col, what in (("refid", "reference"), ("next_refid", "mate reference")):
+            v = fx[col]
+            bad = np.flatnonzero((v < -1) | (v >= n_ref))
+            if len(bad):
+                i = int(bad[0])
+                raise InputError(f"{self.name}: record {before + i + 1}: {what} id {int(v[i])} is not in the header "
+                                 f"(it has {n_ref} @SQ reference{'s' if n_ref != 1 else ''})")
+        return before + len(batch)
 
     def _split(self, buf: bytes):
         try:
@@ -204,9 +223,31 @@ def _header_from(data_iter: Iterator[bytes], name: str) -> tuple[BamHeader, byte
     raise InputError(f"{name}: truncated BAM header")
 
 
+def _is_bgzf(head: bytes) -> bool:
+    """A gzip member with the BGZF ``BC`` extra subfield (SAM spec §4.1)."""
+    if len(head) < 18 or not head[3] & 4:
+        return False
+    (xlen,) = struct.unpack_from("<H", head, 10)
+    extra, p = head[12:12 + xlen], 0
+    while p + 4 <= len(extra):
+        if extra[p:p + 2] == b"BC" and struct.unpack_from("<H", extra, p + 2)[0] == 2:
+            return True
+        p += 4 + struct.unpack_from("<H", extra, p + 2)[0]
+    return False
+
+
+def _is_text(sample: bytes) -> bool:
+    """UTF-8 (SAM allows it in names and tags), a multi-byte character cut at the end allowed."""
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.reason == "unexpected end of data" and e.start >= len(sample) - 3
+    return b"\0" not in sample
+
+
 def _sniff(head: bytes) -> str:
     if head.startswith(_GZ_MAGIC):
-        return "bgzf"
+        return "bgzf" if _is_bgzf(head) else "gzip"
     if head.startswith(b"CRAM"):
         return "cram"
     if head.startswith(b"BAM\x01"):
@@ -214,12 +255,10 @@ def _sniff(head: bytes) -> str:
     if not head:
         return "empty"
     sample = head[:4096]
-    try:
-        text = sample.decode("ascii")
-    except UnicodeDecodeError:
+    if not _is_text(sample):
         return "unknown"
-    first = text.split("\n", 1)[0]
-    if first.startswith("@") or first.count("\t") >= 10:
+    first = sample.split(b"\n", 1)[0]
+    if first.startswith(b"@") or first.count(b"\t") >= 10:
         return "sam"
     return "unknown"
 
@@ -248,10 +287,9 @@ def open_input(source: str, *, reference: str | None = None, threads: int = 2,
         chunks = bg.chunks()
         first = next(chunks, b"")
         if first[:4] != b"BAM\x01":
-            # bgzipped SAM: let htslib parse it from the file
+            # bgzipped SAM: htslib parses it from the file, or the text we inflate from stdin
             if source == "-":
-                raise InputError("stdin: compressed SAM on standard input is not supported; "
-                                 "pipe plain SAM or BAM, or pass the file path")
+                return _via_htslib(itertools.chain([first], chunks), name, reference, threads, None)
             f.close()
             from .widesam import bgzf_sam_needs_wide, open_wide_sam
             if bgzf_sam_needs_wide(source):
@@ -266,8 +304,11 @@ def open_input(source: str, *, reference: str | None = None, threads: int = 2,
         header, leftover = _header_from(it, name)
 
         def check():
+            # samtools reads such a file with a warning; bams3 refuses it so that a truncated
+            # file is never archived as if it were whole (README: fidelity)
             if not bg.saw_eof_marker:
-                raise InputError(f"{name}: BAM ends without the BGZF EOF marker (truncated file?)")
+                raise InputError(f"{name}: BAM ends without the BGZF EOF marker: the file is probably truncated "
+                                 "(if it is complete, rewrite it with samtools view -b and convert that)")
 
         return AlignmentInput(header, it, leftover, name, on_close=f.close if source != "-" else None,
                               check_complete=check)
@@ -280,16 +321,20 @@ def open_input(source: str, *, reference: str | None = None, threads: int = 2,
         wide, stream = open_if_wide(stream, name, None if source == "-" else source)
         if wide is not None:
             return wide
-    if kind in ("sam", "cram"):
-        return _via_htslib(stream, name, reference, threads, source if source != "-" else None)
+    if kind in ("sam", "cram", "gzip"):
+        # SAM text, CRAM, and plain (non-BGZF) gzip, which htslib inflates as it reads
+        if source != "-":
+            return _via_htslib(None, name, reference, threads, source)
+        return _via_htslib(iter(lambda: stream.read(1 << 20), b""), name, reference, threads, None)
     if kind == "empty":
         raise InputError(f"{name}: empty input")
     raise InputError(f"{name}: not a BAM, SAM or CRAM file")
 
 
-def _via_htslib(stream: BinaryIO, name: str, reference: str | None, threads: int,
+def _via_htslib(pieces: Iterator[bytes] | None, name: str, reference: str | None, threads: int,
                 path: str | None) -> AlignmentInput:
-    """Parse SAM/CRAM with htslib in a child process that writes uncompressed BAM."""
+    """Parse SAM/CRAM with htslib in a child process that writes uncompressed BAM; the child
+    reads ``path``, or ``pieces`` of the input fed to its standard input."""
     cmd = [sys.executable, "-m", "bams3.tobam"]
     if reference:
         cmd += ["--reference", reference]
@@ -297,14 +342,14 @@ def _via_htslib(stream: BinaryIO, name: str, reference: str | None, threads: int
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if path is None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     feeder = None
+    feed_err: list[InputError] = []  # the input broke while being fed (e.g. corrupt BGZF)
     if path is None:
         def feed():
             try:
-                while True:
-                    chunk = stream.read(1 << 20)
-                    if not chunk:
-                        break
+                for chunk in pieces:
                     proc.stdin.write(chunk)
+            except InputError as e:
+                feed_err.append(e)
             except (BrokenPipeError, ValueError, OSError):
                 pass
             finally:
@@ -322,6 +367,10 @@ def _via_htslib(stream: BinaryIO, name: str, reference: str | None, threads: int
     def fail():
         proc.wait()
         errt.join()
+        if feeder is not None:
+            feeder.join()
+        if feed_err:
+            raise feed_err[0]
         msg = (err_box[0] if err_box else b"").decode(errors="replace").strip().splitlines()
         line = msg[-1] if msg else f"htslib could not parse the input (exit {proc.returncode})"
         raise InputError(f"{name}: {line}")
@@ -358,5 +407,9 @@ def _via_htslib(stream: BinaryIO, name: str, reference: str | None, threads: int
     def check():
         if proc.wait() != 0:
             fail()
+        if feeder is not None:
+            feeder.join()
+        if feed_err:
+            raise feed_err[0]
 
     return AlignmentInput(header, it, leftover, name, on_close=close, check_complete=check)

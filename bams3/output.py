@@ -165,7 +165,10 @@ def write_sam(header: BamHeader, batches: Iterable[RecordBatch], out: BinaryIO, 
     n = 0
     with open_segments(header, batches) as af:
         if with_header:
-            text = str(af.header)
+            # pysam's text of a header without @SQ lines gains a blank line; samtools prints it verbatim
+            text = str(af.header) if header.references else header.text
+            if "\0" in header.text:
+                text = _samtools_header_text(header)
             if pg_line:
                 text += pg_line + "\n"
             emit(text)
@@ -192,36 +195,88 @@ def write_bam(header: BamHeader, batches: Iterable[RecordBatch], path: str, *, t
     n = 0
     verbosity = pysam.set_verbosity(0)
     try:
-        with open_segments(header, batches) as af:
-            hdr = af.header
-            if pg_line:
-                hdr = pysam.AlignmentHeader.from_text(str(af.header) + pg_line + "\n")
-            try:
-                out = pysam.AlignmentFile(path, "wb", header=hdr, threads=max(1, threads))
-            except OSError as e:
-                raise cannot_write(path, e) from None
-            written = False
-            try:
-                for rec in af:
-                    try:
-                        out.write(rec)
-                    except OSError as e:
-                        raise _write_error(path, e) from None
-                    n += 1
-                written = True
-            finally:
+        if "\0" in header.text:
+            n = _write_bam_verbatim(header, batches, path, pg_line)
+        else:
+            with open_segments(header, batches) as af:
+                hdr = af.header
+                if pg_line:
+                    hdr = pysam.AlignmentHeader.from_text(str(af.header) + pg_line + "\n")
                 try:
-                    out.close()
+                    out = pysam.AlignmentFile(path, "wb", header=hdr, threads=max(1, threads))
                 except OSError as e:
-                    if written:  # else an error is on its way: do not mask it
-                        raise _write_error(path, e) from None
+                    raise cannot_write(path, e) from None
+                written = False
+                try:
+                    for rec in af:
+                        try:
+                            out.write(rec)
+                        except OSError as e:
+                            raise _write_error(path, e) from None
+                        n += 1
+                    written = True
+                finally:
+                    try:
+                        out.close()
+                    except OSError as e:
+                        if written:  # else an error is on its way: do not mask it
+                            raise _write_error(path, e) from None
         if index and path != "-":
             try:
-                pysam.index(path)
+                write_index(path, header)
             except pysam.SamtoolsError as e:
-                raise StoreError(f"{path}.bai: cannot write the index: {_one_line(e)}") from None
+                raise StoreError(f"{path}: cannot write the index: {_one_line(e)}") from None
     finally:
         pysam.set_verbosity(verbosity)
+    return n
+
+
+def _samtools_header_text(header: BamHeader) -> str:
+    """What `samtools view -H` prints for this header: htslib repairs a header holding NUL
+    bytes in ways pysam's text of it does not show. A header-only BAM, through samtools."""
+    import tempfile
+
+    import pysam
+
+    with tempfile.TemporaryDirectory(prefix="bams3-hdr-") as d:
+        path = os.path.join(d, "h.bam")
+        _write_bam_verbatim(header, [], path, None)
+        return pysam.samtools.view("--no-PG", "-H", path)
+
+
+BAI_MAX_POS = 1 << 29  # BAI bins cover positions below 2**29 (SAM spec §5.3)
+
+
+def write_index(path: str, header: BamHeader) -> str:
+    """``samtools index`` the BAM: a .bai, or a .csi (``samtools index -c``) if a reference is
+    longer than a BAI can address. A stale index of the other kind is removed."""
+    import pysam
+
+    csi = any(r.length > BAI_MAX_POS for r in header.references)
+    made, stale = (path + ".csi", path + ".bai") if csi else (path + ".bai", path + ".csi")
+    if os.path.exists(stale):
+        os.unlink(stale)
+    if csi:
+        pysam.index("-c", path)
+    else:
+        pysam.index(path)
+    return made
+
+
+def _write_bam_verbatim(header: BamHeader, batches: Iterable[RecordBatch], path: str, pg_line: str | None) -> int:
+    """The header bytes as they are (htslib would rewrite a header holding NUL bytes, and read
+    the rewritten one differently), then the raw records, BGZF-compressed."""
+    import pysam
+
+    if pg_line:
+        text = header.text.rstrip("\0")
+        header = BamHeader(text + pg_line + "\n" + header.text[len(text):], header.references)
+    n = 0
+    with pysam.BGZFile(path if path != "-" else "/dev/stdout", "wb") as out:
+        out.write(header.to_bytes())
+        for b in batches:
+            out.write(bytes(b.raw()))
+            n += len(b)
     return n
 
 

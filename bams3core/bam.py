@@ -68,7 +68,7 @@ class BamHeader:
 
     def to_bytes(self) -> bytes:
         """The BAM header block (magic, l_text, text, n_ref, references)."""
-        text = self.text.encode()
+        text = self.text.encode("utf-8", errors="surrogateescape")
         parts = [BAM_MAGIC, struct.pack("<i", len(text)), text, struct.pack("<i", len(self.references))]
         for ref in self.references:
             name = ref.name.encode() + b"\0"
@@ -101,7 +101,8 @@ def parse_header(buf: bytes | memoryview) -> tuple[BamHeader, int] | None:
     p = 8 + l_text
     if len(mv) < p + 4:
         return None
-    text = bytes(mv[8:p]).split(b"\0", 1)[0].decode("utf-8", errors="surrogateescape")
+    # verbatim, NUL bytes included: htslib's reading of a header with NULs depends on where they are
+    text = bytes(mv[8:p]).decode("utf-8", errors="surrogateescape")
     (n_ref,) = _I32.unpack_from(mv, p)
     if n_ref < 0:
         raise BamFormatError("corrupt BAM header (negative reference count)")

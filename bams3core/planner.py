@@ -23,7 +23,11 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 
 
 class OrderError(ValueError):
-    """Records are not in coordinate order."""
+    """Records are not in coordinate order; the first ``in_order`` records of the batch fed were."""
+
+    def __init__(self, msg: str, in_order: int = 0):
+        super().__init__(msg)
+        self.in_order = in_order
 
 
 class BlockPlanner:
@@ -49,7 +53,7 @@ class BlockPlanner:
                 bad = np.r_[-1, bad]
             if len(bad):
                 raise OrderError(f"records are not coordinate-sorted (record {self.n_records + int(bad[0]) + 2} "
-                                 "comes before its predecessor)")
+                                 "comes before its predecessor)", in_order=int(bad[0]) + 1)
             self._last_key = keys[-1]
         self.n_records += len(batch)
         if self._pending is not None:
