@@ -120,6 +120,8 @@ class LocalStore(Store):
         """Compare-and-swap: under an exclusive lock on ``.<name>.lock`` (held by every
         conditional replace of ``key``), replace ``path`` by ``tmp`` only if it still holds the
         version ``if_match`` names (MD5 of its content, or the mtime-size stand-in)."""
+        if not os.path.exists(path):  # (no lock file for a key that was never written)
+            raise PreconditionFailed(f"{path} was removed since it was read")
         lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
         with open(lock, "a") as lf:
             fcntl.flock(lf.fileno(), fcntl.LOCK_EX)  # released when the file is closed

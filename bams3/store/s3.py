@@ -699,7 +699,7 @@ class S3Store(Store):
             # conditional writes are one PutObject (atomic; s3transfer cannot send conditions)
             info = self._put(key, full, bytes(data), extra, if_none_match, if_match)
         else:
-            info = self._multipart(key, full, data, extra, if_none_match)
+            info = self._multipart(key, full, data, extra)
         self._refresh_cached(full, data, info)
         return info
 
@@ -734,11 +734,7 @@ class S3Store(Store):
                           storage_class=self.storage_class or "STANDARD",
                           last_modified=time.time())
 
-    def _multipart(self, key, full, data, extra: dict, if_none_match: bool) -> ObjectInfo:
-        if if_none_match and self._head(key) is not None:
-            # s3transfer cannot send If-None-Match; this check-then-write is not atomic
-            raise PreconditionFailed(f"s3://{self.bucket}/{full}: already exists; use "
-                                     f"--overwrite to replace it")
+    def _multipart(self, key, full, data, extra: dict) -> ObjectInfo:
         part = effective_part_size(len(data), self.part_size)
         try:
             if part != self.part_size:
