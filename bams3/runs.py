@@ -20,7 +20,7 @@ from bams3core.index import MANIFEST_KEY
 
 from . import __version__
 from .errors import NotFound
-from .store import Store
+from .store import Store, Upload
 
 #: the prefixes where a run's objects live (listed separately: at a bucket root, never the
 #: whole bucket)
@@ -101,8 +101,6 @@ def find_leftovers(store: Store, *, own: set[str] = frozenset()) -> layout.Remov
 
 def remove(store: Store, plan: layout.Removal) -> None:
     """Abort the plan's unfinished uploads, then delete its objects (leases last)."""
-    from .store import Upload
-
     if plan.uploads:
         store.abort_uploads([Upload(u.key, u.upload_id, u.time) for u in plan.uploads])
     leases = [k for k in plan.objects if k.startswith(layout.LEASES)]
