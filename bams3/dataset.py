@@ -216,10 +216,6 @@ class DatasetWriter:
         """Write index remainder, header and — last — the manifest, conditionally: created if
         absent, or (``overwrite``) replacing exactly the manifest :meth:`prepare` read."""
         self._swept()
-        if self.lease is not None and not self.lease.holds():
-            raise DatasetError(f"{self.store.uri}: this conversion's lease ({layout.lease_key(self.run_id)}) was not "
-                               f"refreshed for over {self.lease.ttl / 2:.0f} s, so another process may have removed "
-                               "its objects as a dead run's; nothing was committed: convert again")
         self._flush_index()
         htext = self.header.text.encode("utf-8", errors="surrogateescape")
         hkey = f"{self.prefix}{HEADER_KEY}"
@@ -244,6 +240,10 @@ class DatasetWriter:
             sorted_by=self.sorted_by,
             source=self.source,
         )
+        if self.lease is not None and not self.lease.holds():
+            raise DatasetError(f"{self.store.uri}: this conversion's lease ({layout.lease_key(self.run_id)}) was not "
+                               f"refreshed for over {self.lease.ttl / 2:.0f} s, so another process may have removed "
+                               "its objects as a dead run's; nothing was committed: convert again")
         try:
             self.store.set(MANIFEST_KEY, manifest.to_json(), if_none_match=self.previous_etag is None,
                            if_match=self.previous_etag, content_type="application/json")
