@@ -1,4 +1,4 @@
-"""The `bams3` command line: convert, query, stats, export, verify.
+"""The `bams3` command line: convert, query, stats, export, verify, cleanup.
 
 Conventions follow samtools: SAM on stdout so commands pipe, regions in samtools syntax,
 errors as one line on stderr with a non-zero exit status.
@@ -355,6 +355,26 @@ def cmd_restore(args, argv) -> int:
     return 0
 
 
+def cmd_cleanup(args, argv) -> int:
+    from .runs import find_leftovers, remove
+
+    if not args.dataset.startswith("s3://") and not os.path.isdir(args.dataset):
+        raise InputError(f"{args.dataset}: no such directory")
+    with _open_store(args.dataset, args, write=True) as store:
+        plan = find_leftovers(store)
+        base = store.uri.rstrip("/")
+        for u in plan.uploads:
+            print(f"{base}/{u.key}" + (" (unfinished upload)" if u.upload_id else ""))
+        for key in plan.objects:
+            print(f"{base}/{key}")
+        if not args.dry_run and plan:
+            remove(store, plan)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"bams3: {verb} {len(plan.objects)} objects and {len(plan.uploads)} unfinished uploads of "
+          f"{len(plan.dead_runs)} dead runs; kept {len(plan.live_runs)} live runs", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args, argv) -> int:
     from .demo import run_demo
 
@@ -492,6 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-@", "--threads", type=int, default=2, help=argparse.SUPPRESS)
     _add_store_options(p, write=False)
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("cleanup", help="remove what killed conversions left (dead runs only)",
+                       description="Remove the objects and unfinished uploads of this dataset's dead runs: "
+                                   "conversions that were killed or failed without cleaning up. A run is dead when "
+                                   "its lease (runs/RUN.json) was not refreshed for 10 minutes, or, without a "
+                                   "lease, when everything it left is over an hour old. Never touches the "
+                                   "committed dataset, a run that may still be running, or any key that is not "
+                                   "bams3's. Prints each key it removes.", epilog=EPILOG_PATHS)
+    p.add_argument("dataset")
+    p.add_argument("-n", "--dry-run", action="store_true", help="only print what would be removed")
+    _add_store_options(p, write=False)
+    p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("demo", help="run the whole pipeline on a local S3 endpoint with a generated sample",
                        description="Start a local S3 endpoint (moto, 127.0.0.1), generate a sample BAM, convert it "

@@ -6,10 +6,12 @@ Object layout under the dataset prefix (docs/FORMAT.md §Objects)::
     data/<run_id>/header.sam            SAM header text, verbatim
     data/<run_id>/index/<ref_id>.b3i    per-reference block index (unplaced.b3i for '*')
     data/<run_id>/chunks/<n>.b3c        chunk objects: blocks of columnar streams
-    _tmp/<run_id>/...                   spill runs of an unsorted conversion (removed on commit)
+    _tmp/<run_id>/run-<k>               spill runs of an unsorted conversion (removed on commit)
+    runs/<run_id>.json                  the run's lease, refreshed while it runs (bams3.runs)
 
 Every object a run writes lives under ``data/<run_id>/``, so a conversion in progress never
-touches the committed dataset; ``--overwrite`` swaps the manifest and then deletes the old run.
+touches the committed dataset; ``--overwrite`` swaps the manifest it read (compare-and-swap)
+and then deletes the old run. Leftovers are removed only for runs proven dead (bams3.runs).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import threading
-import time
 import uuid
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from bams3core import layout
 from bams3core.bam import FLAG_UNMAP, BamHeader, RecordBatch, Reference
 from bams3core.codec import BlockEncoder, CodecError, EncodedBlock, decode_block
 from bams3core.index import (ENTRY_DTYPE, ENTRY_DTYPE_WIDE, FORMAT_VERSION, FORMAT_VERSION_WIDE, HEADER_KEY,
@@ -37,7 +39,7 @@ from bams3core.query import RangeRead, overlap_mask, plan_reads, select_blocks
 from bams3core.regions import Region, RegionError, parse_region
 from bams3core.stats import StatsAccumulator, flagstat_counts
 
-from . import __version__
+from . import __version__, runs
 from .errors import Archived, DatasetError, InputError, NoSuchBucket, NotFound, PreconditionFailed
 from .store import Store
 
@@ -69,7 +71,7 @@ def block_is_wide(row) -> bool:
     return "layout" in row.dtype.names and bool(row["layout"])
 
 
-STALE_SECONDS = 3600.0  # leftovers older than this are removed when a conversion starts
+STALE_SECONDS = layout.STALE_SECONDS  # a run without a lease is dead once all it left is this old
 
 
 def run_prefix(run_id: str) -> str:
@@ -95,6 +97,8 @@ class DatasetWriter:
         self.sorted_by = sorted_by
         self.source = source
         self.run_id = run_id or uuid.uuid4().hex[:16]
+        if not layout.is_run_id(self.run_id):
+            raise ValueError(f"run id {self.run_id!r} is not 16 lowercase hex digits")
         self.prefix = run_prefix(self.run_id)
         self.stats = StatsAccumulator(n_refs=len(header.references))
         self.chunks: dict[int, ObjectRef] = {}
@@ -103,6 +107,8 @@ class DatasetWriter:
         self._rows_ref: int | None = None
         self._lock = threading.Lock()
         self.previous: Manifest | None = None
+        self.previous_etag: str | None = None  # the manifest read by prepare(): commit replaces exactly it
+        self.lease: runs.Lease | None = None
         self.n_records = 0
         self.prepared = False
         self.committed = False
@@ -110,39 +116,44 @@ class DatasetWriter:
 
     # -- lifecycle -----------------------------------------------------------------------
     def prepare(self) -> None:
-        """Refuse to clobber a committed dataset (unless overwrite), then clear leftovers.
+        """Refuse to clobber a committed dataset (unless overwrite) or to write into a prefix
+        holding anything but bams3 objects, take this run's lease, then clear dead runs.
 
-        The refusal is immediate; the leftover sweep (listings, aborts, deletes: a few round
-        trips on S3) runs on a background thread while the first chunk is being encoded, and
-        is joined before this run writes a chunk, an index or the manifest (its errors surface
-        there). It only removes objects older than STALE_SECONDS: never this run's."""
+        The refusals come before any write; the leftover sweep (listings, aborts, deletes: a
+        few round trips on S3) runs on a background thread while the first chunk is being
+        encoded, and is joined before this run writes a chunk, an index or the manifest (its
+        errors surface there). It removes only what :func:`bams3.runs.find_leftovers`
+        attributes to dead runs: never a live run's objects, never a key outside the layout."""
         try:
-            data = self.store.get(MANIFEST_KEY)
+            data, info = self.store.get_with_info(MANIFEST_KEY)
         except NotFound:
-            data = None
+            data = info = None
         if data is not None:
             if not self.overwrite:
                 raise DatasetError(f"{self.store.uri}: a dataset already exists here; use --overwrite to replace it")
+            self.previous_etag = info.etag
             try:
                 self.previous = Manifest.from_json(data)
             except IndexError_:
                 self.previous = None
+        else:
+            foreign = runs.foreign_key(self.store)
+            if foreign is not None:
+                raise DatasetError(f"{self.store.uri}: not empty and not a bams3 dataset (it holds {foreign}); "
+                                   "convert into an empty directory or prefix")
+        self.lease = runs.Lease(self.store, self.run_id)
+        self.lease.start()
+        self.prepared = True
         pool = ThreadPoolExecutor(1, thread_name_prefix="bams3-sweep")
         self._sweeper = pool.submit(self._sweep_leftovers)
         pool.shutdown(wait=False)  # the future outlives the pool; its thread ends with the sweep
-        self.prepared = True
 
     def _sweep_leftovers(self) -> None:
-        # Leftovers of conversions that died (no manifest points at them). Objects younger than
-        # STALE_SECONDS may belong to a conversion still running on this prefix: keep them.
-        self.store.cleanup_incomplete(older_than=STALE_SECONDS)
-        keep = self.previous.run_id if self.previous else None
-        cutoff = time.time() - STALE_SECONDS
-        stale = [o.key for o in self.store.list_prefix("data/")
-                 if not o.key.startswith(f"data/{keep}/") and (o.last_modified or 0) < cutoff]
-        stale += [o.key for o in self.store.list_prefix("_tmp/") if (o.last_modified or 0) < cutoff]
-        if stale:
-            self.store.delete(stale)
+        # Leftovers of conversions that died; live runs (fresh lease, or young objects of a
+        # run without one) and the committed dataset are kept.
+        plan = runs.find_leftovers(self.store, own={self.run_id})
+        if plan:
+            runs.remove(self.store, plan)
 
     def _swept(self) -> None:
         """Wait for the leftover sweep started by :meth:`prepare`; re-raise its error."""
@@ -224,7 +235,8 @@ class DatasetWriter:
         self._rows_ref = None
 
     def commit(self) -> Manifest:
-        """Write index remainder, header and — last — the manifest (conditionally)."""
+        """Write index remainder, header and — last — the manifest, conditionally: created if
+        absent, or (``overwrite``) replacing exactly the manifest :meth:`prepare` read."""
         self._swept()
         self._flush_index()
         htext = self.header.text.encode("utf-8", errors="surrogateescape")
@@ -251,11 +263,23 @@ class DatasetWriter:
             source=self.source,
             version=FORMAT_VERSION_WIDE if self.wide else FORMAT_VERSION,
         )
-        self.store.set(MANIFEST_KEY, manifest.to_json(), if_none_match=not self.overwrite,
-                       content_type="application/json")
+        if self.lease is not None and not self.lease.holds():
+            raise DatasetError(f"{self.store.uri}: this conversion's lease ({layout.lease_key(self.run_id)}) was not "
+                               f"refreshed for over {self.lease.ttl / 2:.0f} s, so another process may have removed "
+                               "its objects as a dead run's; nothing was committed: convert again")
+        try:
+            self.store.set(MANIFEST_KEY, manifest.to_json(), if_none_match=self.previous_etag is None,
+                           if_match=self.previous_etag, content_type="application/json")
+        except PreconditionFailed:
+            if not self._committed_here():
+                if self.previous_etag is None:
+                    raise PreconditionFailed(f"{self.store.uri}: a dataset already exists here (another conversion "
+                                             "committed first); use --overwrite to replace it") from None
+                raise PreconditionFailed(f"{self.store.uri}: another conversion replaced the dataset while this one "
+                                         "ran; nothing was committed (convert again to replace it)") from None
         self.committed = True  # from here on the run is the dataset: never abort it
-        # remove the previous run and this run's spill leftovers (best effort: a failure here
-        # leaves garbage that the next conversion's prepare() removes, never a broken dataset)
+        # remove the previous run and this run's spill leftovers, then the lease (best effort:
+        # a failure here leaves garbage that a later sweep or `bams3 cleanup` removes)
         try:
             old = []
             if self.previous is not None and self.previous.run_id != self.run_id:
@@ -265,7 +289,23 @@ class DatasetWriter:
                 self.store.delete(old)
         except Exception:  # noqa: BLE001
             pass
+        self._end_lease()
         return manifest
+
+    def _committed_here(self) -> bool:
+        """After a failed conditional manifest write: did an earlier attempt of ours succeed
+        (its reply lost)? True if the manifest now names this run."""
+        try:
+            return Manifest.from_json(self.store.get(MANIFEST_KEY)).run_id == self.run_id
+        except (NotFound, IndexError_):
+            return False
+
+    def _end_lease(self) -> None:
+        if self.lease is not None:
+            try:
+                self.lease.end()
+            except Exception:  # noqa: BLE001 - a stale lease of a finished run is removed later
+                self.lease.stop()
 
     def abort(self) -> None:
         """Remove everything this run wrote (best effort); the committed dataset is untouched."""
@@ -274,12 +314,13 @@ class DatasetWriter:
         try:
             if self._sweeper is not None:
                 futures_wait([self._sweeper])  # it may still be listing/deleting: let it finish first
-            self.store.cleanup_incomplete(prefix=self.prefix)
-            keys = [o.key for o in self.store.list_prefix(self.prefix)]
-            keys += [o.key for o in self.store.list_prefix(f"_tmp/{self.run_id}/")]
+            mine = (self.prefix, f"_tmp/{self.run_id}/")
+            self.store.abort_uploads([u for p in mine for u in self.store.incomplete_uploads(p)])
+            keys = [o.key for p in mine for o in self.store.list_prefix(p)]
             self.store.delete(keys)
         except Exception:  # noqa: BLE001 - abort must not mask the original error
             pass
+        self._end_lease()  # last: while its objects remain, the run stays attributable
 
 
 # ---------------------------------------------------------------------------------------

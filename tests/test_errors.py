@@ -189,7 +189,7 @@ def test_stale_leftovers_are_swept_fresh_ones_kept(small_bam, tmp_path):
     """A conversion removes what dead conversions left (older than STALE_SECONDS) on its
     background sweep, and keeps what may belong to a conversion still running."""
     out = tmp_path / "ds"
-    old = [out / "data" / "0123456789abcdef" / "chunks" / "000000.b3c", out / "_tmp" / "0123456789abcdef" / "run-0"]
+    old = [out / "data" / "0123456789abcdef" / "chunks" / "000000.b3c", out / "_tmp" / "0123456789abcdef" / "run-000000"]
     fresh = out / "data" / "fedcba9876543210" / "chunks" / "000000.b3c"
     for p in (*old, fresh):
         p.parent.mkdir(parents=True, exist_ok=True)

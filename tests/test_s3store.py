@@ -222,7 +222,7 @@ def test_conditional_set(s3_env):
         assert st.get("manifest.json") == b'{"v": 1}'
         st.set("manifest.json", b'{"v": 3}')  # unconditional overwrite
         assert st.get("manifest.json") == b'{"v": 3}'
-        # multipart: check-then-write fallback (s3transfer cannot send If-None-Match)
+        # above the part size a conditional write is still one atomic PutObject
         st.set("big", b"\0" * (6 * MiB), if_none_match=True)
         with pytest.raises(PreconditionFailed):
             st.set("big", b"\1" * (6 * MiB), if_none_match=True)

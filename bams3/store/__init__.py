@@ -4,7 +4,7 @@
 ``s3://bucket/prefix``. Keys are always relative to the dataset prefix and use ``/``.
 """
 
-from .base import ObjectInfo, Store, parse_uri
+from .base import ObjectInfo, Store, Upload, parse_uri
 from .local import LocalStore
 
 
@@ -18,4 +18,4 @@ def open_store(uri: str, **s3_options) -> Store:
     return LocalStore(prefix)
 
 
-__all__ = ["ObjectInfo", "Store", "LocalStore", "open_store", "parse_uri"]
+__all__ = ["ObjectInfo", "Store", "Upload", "LocalStore", "open_store", "parse_uri"]

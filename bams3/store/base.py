@@ -23,6 +23,15 @@ class ObjectInfo:
     last_modified: float | None = None  # seconds since the epoch
 
 
+@dataclass(frozen=True)
+class Upload:
+    """An unfinished write: an S3 multipart upload, or a local temporary file."""
+
+    key: str  # relative to the store prefix (local: the temporary file's own key)
+    upload_id: str | None  # S3 UploadId; None for a local temporary file
+    initiated: float | None  # seconds since the epoch, store clock
+
+
 def parse_uri(uri: str) -> tuple[str, str | None, str]:
     """Split ``uri`` into (scheme, bucket, prefix). Local paths give ("file", None, path)."""
     if uri.startswith("s3://"):
@@ -104,15 +113,18 @@ class Store(abc.ABC):
 
     # -- writes --------------------------------------------------------------------------
     @abc.abstractmethod
-    def set(self, key: str, data: bytes, *, if_none_match: bool = False,
+    def set(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None,
             content_type: str | None = None, kind: str | None = None) -> ObjectInfo:
         """Write ``data`` at ``key`` atomically (readers never see a partial object).
 
-        ``if_none_match=True`` fails with PreconditionFailed if ``key`` already exists.
+        ``if_none_match=True`` fails with PreconditionFailed if ``key`` already exists;
+        ``if_match`` (the ETag :meth:`get_with_info` returned) fails with PreconditionFailed
+        unless ``key`` still holds that version (compare-and-swap).
         ``kind``: what the object is to the dataset: ``"chunk"`` (data), ``"tmp"`` (spill), or
         None (metadata). S3 writes chunks in the configured storage class and tags chunk and
         spill objects (``bams3-object=chunk|tmp``) for lifecycle rules; metadata stays STANDARD.
-        S3: multipart above the configured part size, retried with backoff.
+        S3: multipart above the configured part size (conditional writes: always one
+        PutObject), retried with backoff.
         """
 
     @abc.abstractmethod
@@ -126,8 +138,22 @@ class Store(abc.ABC):
 
     def cleanup_incomplete(self, prefix: str = "", older_than: float | None = None) -> int:
         """Abort/remove half-written objects under ``prefix`` (S3: multipart uploads), only
-        those started more than ``older_than`` seconds ago when given."""
+        those started more than ``older_than`` seconds ago when given. Whatever their keys:
+        bams3 itself aborts only uploads of its own layout (:meth:`incomplete_uploads`)."""
         return 0
+
+    def incomplete_uploads(self, prefix: str = "") -> Iterator[Upload]:
+        """Unfinished writes under ``prefix`` (S3 multipart uploads, local temporary files)."""
+        return iter(())
+
+    def abort_uploads(self, uploads: Iterable[Upload]) -> None:
+        """Abort the given unfinished writes (already finished or aborted ones are fine)."""
+
+    def now(self) -> float:
+        """The store's clock (seconds since the epoch): what ``last_modified`` is measured by."""
+        import time
+
+        return time.time()
 
     def close(self) -> None:
         """Release connections / thread pools."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import tempfile
+import time
 from typing import Iterable, Iterator
 
 from ..errors import NotFound, PreconditionFailed, StoreError
-from .base import ObjectInfo, Store
+from .base import ObjectInfo, Store, Upload
 
 
 _UMASK = os.umask(0)
@@ -53,6 +56,14 @@ class LocalStore(Store):
         except PermissionError:
             raise StoreError(f"{path}: permission denied") from None
 
+    def get_with_info(self, key):
+        """The bytes and, as their ETag, their MD5 (a content hash, as S3 gives for a
+        single-part object): what :meth:`set` ``if_match=`` compares."""
+        data = self.get(key)
+        info = self.head(key)
+        return data, ObjectInfo(key=key, size=len(data), etag=hashlib.md5(data).hexdigest(),
+                                last_modified=info.last_modified)
+
     def head(self, key):
         path = self._path(key)
         try:
@@ -82,7 +93,7 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise NotFound(f"{self._path(key)}: no such file") from None
 
-    def set(self, key, data, *, if_none_match=False, content_type=None, kind=None):
+    def set(self, key, data, *, if_none_match=False, if_match=None, content_type=None, kind=None):
         path = self._path(key)
         d = os.path.dirname(path)
         try:
@@ -98,6 +109,12 @@ class LocalStore(Store):
                     raise PreconditionFailed(f"{path}: already exists; use --overwrite to replace it") from None
                 finally:
                     os.unlink(tmp)
+            elif if_match is not None:
+                try:
+                    self._swap(key, path, tmp, if_match)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
             else:
                 os.replace(tmp, path)
         except PermissionError:
@@ -107,6 +124,25 @@ class LocalStore(Store):
                 raise
             raise StoreError(f"{path}: {e.strerror or e}") from None
         return self.head(key)
+
+    def _swap(self, key: str, path: str, tmp: str, if_match: str) -> None:
+        """Compare-and-swap: under an exclusive lock on ``.<name>.lock`` (held by every
+        conditional replace of ``key``), replace ``path`` by ``tmp`` only if it still holds the
+        version ``if_match`` names (MD5 of its content, or the mtime-size stand-in)."""
+        if not os.path.exists(path):  # (no lock file for a key that was never written)
+            raise PreconditionFailed(f"{path} was removed since it was read")
+        lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+        with open(lock, "a") as lf:
+            fcntl.flock(lf.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+            try:
+                with open(path, "rb") as f:
+                    current = f.read()
+                    stand_in = self._info(key, os.fstat(f.fileno())).etag
+            except FileNotFoundError:
+                raise PreconditionFailed(f"{path} was removed since it was read") from None
+            if if_match not in (hashlib.md5(current).hexdigest(), stand_in):
+                raise PreconditionFailed(f"{path} was replaced since it was read")
+            os.replace(tmp, path)
 
     def delete(self, keys: Iterable[str]):
         dirs = set()
@@ -138,3 +174,22 @@ class LocalStore(Store):
                     os.unlink(path)
                     n += 1
         return n
+
+    def incomplete_uploads(self, prefix=""):
+        """Temporary files of writes in progress (or of writers that died) under ``prefix``."""
+        top = self._path(prefix) if prefix else self.root
+        for dirpath, _dirs, files in os.walk(top):
+            for name in sorted(files):
+                if name.startswith(".tmp-"):
+                    full = os.path.join(dirpath, name)
+                    try:
+                        mtime = os.path.getmtime(full)
+                    except FileNotFoundError:
+                        continue
+                    yield Upload(os.path.relpath(full, self.root).replace(os.sep, "/"), None, mtime)
+
+    def abort_uploads(self, uploads):
+        self.delete(u.key for u in uploads)
+
+    def now(self):
+        return time.time()

@@ -25,6 +25,7 @@ import os
 import random
 import threading
 import time
+from email.utils import parsedate_to_datetime
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, Sequence
 from urllib.parse import urlsplit
@@ -37,7 +38,7 @@ from botocore.config import Config
 from bams3core.cost import OBJECT_TAG, TAG_CHUNK, TAG_TMP, check_storage_class
 
 from ..errors import Archived, InputError, NoSuchBucket, NotFound, PreconditionFailed, StoreError
-from .base import ObjectInfo, Store
+from .base import ObjectInfo, Store, Upload
 from .cache import MetadataCache, default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -372,6 +373,7 @@ class S3Store(Store):
         self._pool: ThreadPoolExecutor | None = None
         self._transfer = None
         self._completed: dict[tuple[str, str], dict] = {}
+        self._clock_offset = 0.0  # S3's clock minus ours, from the Date of the last response
         if self._session is None:
             try:
                 self._session = boto3.Session()
@@ -428,6 +430,7 @@ class S3Store(Store):
                                           config=self._config(region))
         client.meta.events.register("after-call.s3.CompleteMultipartUpload",
                                     self._on_complete_multipart)
+        client.meta.events.register("after-call.s3", self._on_response)
         return client
 
     @property
@@ -474,6 +477,19 @@ class S3Store(Store):
         if parsed and parsed.get("Key"):
             with self._lock:
                 self._completed[(parsed.get("Bucket") or self.bucket, parsed["Key"])] = parsed
+
+    def _on_response(self, http_response=None, **_kw):
+        date = getattr(http_response, "headers", {}).get("Date") if http_response is not None else None
+        if date:
+            try:
+                self._clock_offset = parsedate_to_datetime(date).timestamp() - time.time()
+            except (TypeError, ValueError):
+                pass
+
+    def now(self) -> float:
+        """S3's clock (that of LastModified), from the Date header of the latest response;
+        lease ages are measured with it, so a skewed local clock does not matter."""
+        return time.time() + self._clock_offset
 
     def _info_from(self, key: str, resp: dict, size: int | None = None) -> ObjectInfo:
         return ObjectInfo(key=key,
@@ -686,7 +702,7 @@ class S3Store(Store):
             extra["ChecksumAlgorithm"] = self.checksum_algorithm
         return extra
 
-    def set(self, key, data, *, if_none_match=False, content_type=None, kind=None):
+    def set(self, key, data, *, if_none_match=False, if_match=None, content_type=None, kind=None):
         if isinstance(data, memoryview):
             data = data.tobytes()
         elif not isinstance(data, (bytes, bytearray)):
@@ -697,27 +713,37 @@ class S3Store(Store):
                 "application/octet-stream"
         full = self._full(key)
         extra = self._extra_args(content_type, kind)
-        if len(data) <= self.part_size:
-            info = self._put(key, full, bytes(data), extra, if_none_match)
+        if len(data) <= self.part_size or if_none_match or if_match is not None:
+            # conditional writes are one PutObject (atomic; s3transfer cannot send conditions)
+            info = self._put(key, full, bytes(data), extra, if_none_match, if_match)
         else:
-            info = self._multipart(key, full, data, extra, if_none_match)
+            info = self._multipart(key, full, data, extra)
         self._refresh_cached(full, data, info)
         return info
 
-    def _put(self, key, full, data: bytes, extra: dict, if_none_match: bool) -> ObjectInfo:
+    def _put(self, key, full, data: bytes, extra: dict, if_none_match: bool,
+             if_match: str | None = None) -> ObjectInfo:
         params = dict(Bucket=self.bucket, Key=full, Body=data, **extra)
         if if_none_match:
             params["IfNoneMatch"] = "*"
+        if if_match is not None:
+            params["IfMatch"] = _quote_etag(if_match)
         try:
             resp = self.client.put_object(**params)
         except bce.ClientError as e:
             meta = e.response.get("ResponseMetadata", {})
-            if if_none_match and meta.get("HTTPStatusCode") == 412 and meta.get("RetryAttempts"):
+            conditional = if_none_match or if_match is not None
+            if conditional and meta.get("HTTPStatusCode") == 412 and meta.get("RetryAttempts"):
                 # an earlier attempt may have written it before its reply was lost: if the
                 # object is byte-identical (single-part MD5 ETag), the write succeeded
                 info = self._head(key) if self.sse != "aws:kms" else None
                 if info is not None and info.etag == hashlib.md5(data).hexdigest():
                     return info
+            code = str(e.response.get("Error", {}).get("Code"))
+            if if_match is not None and (meta.get("HTTPStatusCode") in (404, 409, 412)
+                                         or code in ("NoSuchKey", "PreconditionFailed")):
+                raise PreconditionFailed(f"s3://{self.bucket}/{full}: replaced or removed since it "
+                                         f"was read (If-Match {if_match} failed)") from None
             raise self._err(e, full, "PutObject", full=True, writing=if_none_match) from None
         except Exception as e:
             raise self._err(e, full, "PutObject", full=True) from None
@@ -726,11 +752,7 @@ class S3Store(Store):
                           storage_class=extra.get("StorageClass", "STANDARD"),
                           last_modified=time.time())
 
-    def _multipart(self, key, full, data, extra: dict, if_none_match: bool) -> ObjectInfo:
-        if if_none_match and self._head(key) is not None:
-            # s3transfer cannot send If-None-Match; this check-then-write is not atomic
-            raise PreconditionFailed(f"s3://{self.bucket}/{full}: already exists; use "
-                                     f"--overwrite to replace it")
+    def _multipart(self, key, full, data, extra: dict) -> ObjectInfo:
         part = effective_part_size(len(data), self.part_size)
         try:
             if part != self.part_size:
@@ -829,6 +851,32 @@ class S3Store(Store):
             except Exception as e:
                 raise self._err(e, k, "AbortMultipartUpload", full=True) from None
         return n
+
+    def incomplete_uploads(self, prefix: str = "") -> Iterator[Upload]:
+        base = self.prefix + "/" if self.prefix else ""
+        full = base + prefix
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=full)
+            for page in pages:
+                for u in page.get("Uploads", ()):
+                    if u["Key"].startswith(full):
+                        yield Upload(self._rel(u["Key"]), u["UploadId"], _ts(u.get("Initiated")))
+        except StoreError:
+            raise
+        except Exception as e:
+            raise self._err(e, full or None, "ListMultipartUploads", full=True) from None
+
+    def abort_uploads(self, uploads: Iterable[Upload]) -> None:
+        for u in uploads:
+            k = self._full(u.key)
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=k, UploadId=u.upload_id)
+            except bce.ClientError as e:
+                if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                    raise self._err(e, k, "AbortMultipartUpload", full=True) from None
+            except Exception as e:
+                raise self._err(e, k, "AbortMultipartUpload", full=True) from None
 
     def close(self):
         with self._lock:
