@@ -278,7 +278,8 @@ def test_header_says_sorted_but_is_not(tmp_path, stdin, kind):
     assert len(warn) == 1 and "SO:coordinate" in warn[0] and "sorting" in warn[0], warn
     _check_roundtrip(ds, expected, tmp_path, stats_from=sorted_bam, verify=True, full=not stdin)
     # only the committed run is left: the prefix run and the spill runs are gone
-    assert len(os.listdir(ds / "data")) == 1 and not (ds / "_tmp").exists() or not os.listdir(ds / "_tmp")
+    assert len(os.listdir(ds / "data")) == 1, os.listdir(ds / "data")
+    assert not (ds / "_tmp").exists() or not os.listdir(ds / "_tmp"), os.listdir(ds / "_tmp")
     assert '"sorted_by": "bams3"' in (ds / "manifest.json").read_text()
 
 
