@@ -177,3 +177,17 @@ def test_policies_match_the_operations_bams3_calls(s3_env, sample_bam, tmp_path,
     ops, needed = rec.take()
     assert {"PutBucketLifecycleConfiguration", "RestoreObject"} <= ops, ops
     check("admin", needed, ops)
+
+
+def test_s3_md_shows_the_policies():
+    import re
+
+    with open(os.path.join(IAM_DIR, "..", "S3.md")) as f:
+        blocks = []
+        for b in re.findall(r"```json\n(.*?)```", f.read(), re.S):
+            try:
+                blocks.append(json.loads(b))
+            except ValueError:
+                pass  # a fragment (one statement to add)
+    for name in ("reader", "writer", "admin"):
+        assert load_policy(name) in blocks, f"docs/S3.md does not show docs/iam/{name}.json as it is"
