@@ -63,7 +63,7 @@ def test_s3_concurrency_bounds_reads(s3_env, sample_bam, tmp_path, monkeypatch, 
         run(*args, "-@", "2", "--s3-concurrency", "1")
         assert hook.total >= 8, (name, hook.total)  # enough reads to run in parallel
         assert hook.peak == 1, (name, hook.peak)
-    for name in ("query", "export"):
+    for name in commands:
         hook.reset()
         run(*commands[name], "-@", "2", "--s3-concurrency", "8")
         assert hook.peak > 4, (name, hook.peak)  # above 2 x threads
