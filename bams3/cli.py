@@ -32,9 +32,10 @@ def _size(text: str) -> int:
 
 def _add_store_options(p: argparse.ArgumentParser, *, write: bool) -> None:
     g = p.add_argument_group("S3 options (ignored for local paths)")
-    g.add_argument("--s3-region", metavar="REGION", help="bucket region (default: discovered from the bucket)")
+    g.add_argument("--s3-region", metavar="REGION", help="bucket region (default: AWS_REGION or the profile's, else us-east-1; "
+                        "S3's redirect to another region is followed)")
     g.add_argument("--s3-concurrency", type=int, metavar="N",
-                   help="parallel S3 requests (default: 2 x --threads)")
+                   help="S3 requests in flight: uploads, ranged reads (default: 2 x --threads)")
     if write:
         g.add_argument("--s3-part-size", type=_size, default=None, metavar="SIZE",
                        help="multipart part size, 5M..5G (default 10M)")

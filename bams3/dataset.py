@@ -542,15 +542,25 @@ class Dataset:
                 self.qstats.records_decoded += len(b)
                 yield b
             return
-        with ThreadPoolExecutor(max(self.threads, getattr(self.store, "concurrency", 2) or 2)) as pool:
-            window = max(2, self.threads * 2)
+        # at most `concurrency` ranged GETs in flight (the store's, i.e. --s3-concurrency;
+        # 2 x threads for a store without one); decoding runs on up to `threads` of the workers
+        conc = max(1, getattr(self.store, "concurrency", None) or 2 * self.threads)
+        fetch_slots = threading.BoundedSemaphore(conc)
+
+        def fetch_decode(rr: RangeRead) -> list[RecordBatch]:
+            with fetch_slots:
+                data = self._fetch(rr)
+            return self._decode_range(rr, data)
+
+        with ThreadPoolExecutor(max(self.threads, conc)) as pool:
+            window = max(2, self.threads * 2, conc)
             futs = []
             it = iter(reads)
 
             def submit():
                 rr = next(it, None)
                 if rr is not None:
-                    futs.append(pool.submit(lambda r=rr: self._decode_range(r, self._fetch(r))))
+                    futs.append(pool.submit(fetch_decode, rr))
 
             for _ in range(window):
                 submit()

@@ -16,7 +16,7 @@ from bams3core.index import MANIFEST_KEY
 from bams3core.query import plan_reads
 
 from .dataset import Dataset, _split_reads
-from .errors import InputError, NotFound
+from .errors import InputError, NoSuchBucket, NotFound
 from .store import Store, open_store, parse_uri
 
 # what `bams3 query DATASET` (every record) does: merge reads over gaps < 1 MiB, split > 8 MiB
@@ -176,4 +176,10 @@ def is_dataset(path: str, **s3_options) -> bool:
     if scheme == "file":
         return os.path.isfile(os.path.join(path, MANIFEST_KEY))
     with open_store(path, **s3_options) as st:
-        return st.exists(MANIFEST_KEY)
+        try:
+            st.head(MANIFEST_KEY)  # a 404 is told apart from a missing bucket (NoSuchBucket)
+        except NoSuchBucket:
+            raise
+        except NotFound:
+            return False
+        return True

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
+from typing import Iterator
 
 import numpy as np
 
@@ -38,6 +42,30 @@ class VerifyReport:
                 f"{self.records_checked} records, {self.bytes_read} bytes checked{note}")
 
 
+def _read_chunks(ds: Dataset, selected) -> Iterator[tuple[int, bytes | NotFound]]:
+    """(chunk number, its bytes or the NotFound) in order; up to the store's concurrency
+    (``--s3-concurrency``; 1 for a store without one) whole-chunk GETs in flight, so at most
+    that many chunks wait in memory besides the one being checked."""
+    conc = max(1, getattr(ds.store, "concurrency", None) or 1)
+
+    def get(cn: int):
+        try:
+            return ds.store.get(ds.manifest.chunks[cn].key)
+        except NotFound as e:
+            return e
+
+    it = iter(selected)
+    with ThreadPoolExecutor(conc, thread_name_prefix="bams3-verify") as pool:
+        pending = deque((cn, pool.submit(get, cn)) for cn in islice(it, conc))
+        while pending:
+            cn, fut = pending.popleft()
+            data = fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(get, nxt)))
+            yield cn, data
+
+
 def verify_dataset(ds: Dataset, *, chunks: list[int] | None = None, decode: bool = True) -> VerifyReport:
     """Check header/index/chunk checksums, block CRCs, decoded counts, index bounds and stats.
 
@@ -69,11 +97,9 @@ def verify_dataset(ds: Dataset, *, chunks: list[int] | None = None, decode: bool
     selected = range(len(m.chunks)) if chunks is None else sorted(set(chunks))
     full = chunks is None
     stats = StatsAccumulator(n_refs=len(m.references))
-    for cn in selected:
+    for cn, data in _read_chunks(ds, selected):
         c = m.chunks[cn]
-        try:
-            data = ds.store.get(c.key)
-        except NotFound:
+        if isinstance(data, NotFound):
             rep.fail(f"{c.key}: missing chunk object")
             full = False
             continue

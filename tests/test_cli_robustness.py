@@ -253,11 +253,16 @@ def test_access_key_without_secret(small, s3_env):
 
 
 # -- S3: name the problem ----------------------------------------------------------------
-@pytest.mark.parametrize("cmd", ["query", "stats", "export", "verify", "convert"])
+@pytest.mark.parametrize("cmd", ["query", "stats", "export", "verify", "convert", "cleanup",
+                                 "cleanup-dry", "lifecycle", "lifecycle-apply", "cost", "cost-bam",
+                                 "restore"])
 def test_missing_bucket(small, s3_env, tmp_path, cmd):
     uri = f"s3://no-such-bucket-{os.getpid()}/ds"
     args = {"export": ["export", uri, tmp_path / "o.bam"],
-            "convert": ["convert", "-q", small["bam"], uri]}.get(cmd, [cmd, uri])
+            "convert": ["convert", "-q", small["bam"], uri],
+            "cleanup-dry": ["cleanup", "--dry-run", uri],
+            "lifecycle-apply": ["lifecycle", uri, "--apply"],
+            "cost-bam": ["cost", uri + ".bam"]}.get(cmd, [cmd, uri])
     line = _one_line_error(run_cli(*args, check=False), f"no-such-bucket-{os.getpid()}", "bucket does not exist")
     assert "no bams3 dataset" not in line
 

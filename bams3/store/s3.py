@@ -51,7 +51,6 @@ MAX_PARTS = 10_000
 MAX_OBJECT_SIZE = 5 * 1024 * GiB
 DEFAULT_PART_SIZE = 10 * MiB
 DEFAULT_CACHE_MAX_BYTES = 512 * MiB
-REGION_CACHE_SECONDS = 7 * 24 * 3600.0
 
 try:  # urllib3 errors can escape StreamingBody.read on some botocore versions
     from urllib3.exceptions import ProtocolError as _U3ProtocolError
