@@ -403,7 +403,8 @@ def summary_lines(outcomes: list[Outcome]) -> list[str]:
     deleted = sum(1 for o in outcomes if o.deleted)
     lines = [f"migrate: {counts['converted']} converted, {counts['skipped']} skipped, {counts['failed']} failed"
              + (f", {deleted} source(s) deleted" if deleted else "")]
-    lines += [f"failed: {o.item.source}: {o.reason}" for o in outcomes if o.status == "failed"]
+    lines += ["failed: " + (o.reason if o.reason.startswith(o.item.source) else f"{o.item.source}: {o.reason}")
+              for o in outcomes if o.status == "failed"]
     return lines
 
 
