@@ -204,8 +204,8 @@ def convert_item(item: Item, store: Store, opts: ConvertOptions, *, executor=Non
 def migrate_one(item: Item, base: ConvertOptions, *, store_options: dict | None = None,
                 s3_options: dict | None = None, delete_source: bool = False, executor=None, commit=None,
                 reference: str | None = None) -> Outcome:
-    """Skip, convert (or convert again), verify and delete one input. Never raises a
-    :class:`Bams3Error` or an ``OSError``: they become a ``failed`` outcome with one line."""
+    """Skip, convert (or convert again), verify and delete one input. Never raises an
+    ``Exception``: any becomes a ``failed`` outcome with one line (KeyboardInterrupt stops)."""
     t0 = time.time()
     try:
         with open_store(item.dest, **(store_options or {})) as store:
@@ -227,8 +227,10 @@ def migrate_one(item: Item, base: ConvertOptions, *, store_options: dict | None 
                 delete_one(item, s3_options)
                 out.deleted = True
     except (Bams3Error, OSError, ValueError) as e:
-        reason = _one_line(e)
-        return Outcome(item, "failed", reason, seconds=time.time() - t0)
+        return Outcome(item, "failed", _one_line(e), seconds=time.time() - t0)
+    except Exception as e:  # noqa: BLE001 - a bug met on one file must not stop the others
+        return Outcome(item, "failed", f"internal error: {type(e).__name__}: {_one_line(e)}",
+                       seconds=time.time() - t0)
     out.seconds = time.time() - t0
     return out
 

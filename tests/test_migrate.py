@@ -161,6 +161,11 @@ def test_migrate_s3_prefix_source_skips_by_etag(s3_env, archive, tmp_path, capsy
     assert cli("migrate", "--chunk-size", CHUNK, s3_env.uri("in"), dest) == 1
     assert "0 converted, 4 skipped, 1 failed" in capsys.readouterr().err
     assert chunk_objects(dest) == before
+    # --delete-source: each S3 object is read back from S3 and compared before it is deleted
+    assert cli("migrate", "--delete-source", s3_env.uri("in"), dest) == 1
+    assert "0 converted, 4 skipped, 1 failed, 4 source(s) deleted" in capsys.readouterr().err
+    left = {o["Key"] for o in c.list_objects_v2(Bucket=s3_env.bucket, Prefix="in/").get("Contents", ())}
+    assert left == {"in/bad.bam", "in/a.bam.bai", "in/notes.txt"}
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
