@@ -277,6 +277,10 @@ def test_migrate_flow(prefect_harness, s3_env, archive, tmp_path):
     assert (result["converted"], result["skipped"], result["failed"]) == (0, 4, 0)
     assert cli("migrate", archive, dest) == 0
     assert chunk_objects(dest, s3_env) == before
+    # a dry run of the flow: the plan, with estimates
+    plan = migrate(sources=[str(archive)], destination=dest, dry_run=True)
+    assert plan["dry_run"] and sorted(o["status"] for o in plan["outcomes"]) == ["skip"] * 4
+    assert all(o["estimate"]["dataset_bytes"] > 0 for o in plan["outcomes"])
 
 
 def test_deployment_in_prefect_yaml():
