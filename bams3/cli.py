@@ -376,6 +376,62 @@ def cmd_cleanup(args, argv) -> int:
     return 0
 
 
+def _migrate_store_options(args, *, write: bool) -> dict:
+    """open_store options for migrate's destinations (write) and S3 sources (read)."""
+    threads = args.threads or 2
+    opts = dict(region=args.s3_region, concurrency=args.s3_concurrency or 2 * threads)
+    if write:
+        opts.update(part_size=args.s3_part_size, storage_class=args.storage_class, sse=args.sse,
+                    sse_kms_key_id=args.sse_kms_key_id)
+    else:
+        opts.update(use_cache=False)
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def cmd_migrate(args, argv) -> int:
+    from . import migrate
+    from .convert import ConvertOptions
+
+    if not args.dest.startswith("s3://") and os.path.isfile(args.dest):
+        raise InputError(f"{args.dest}: exists and is a file; DEST_PREFIX must be a directory or s3://bucket/prefix")
+    s3_src = {k: v for k, v in dict(region=args.s3_region).items() if v is not None}
+    items = migrate.discover(args.sources, args.dest, **s3_src)
+    store_opts = _migrate_store_options(args, write=not args.dry_run)
+    if args.dry_run:
+        plans = [migrate.plan_one(it, store_options=store_opts, s3_options=s3_src, chunk_bytes=args.chunk_size)
+                 for it in items]
+        tot_in = tot_out = tot_usd = 0.0
+        for o in plans:
+            line = f"{o.status}\t{o.item.source} -> {o.item.dest}\t{_mb(o.item.size)}"
+            if o.estimate:
+                usd = o.estimate["monthly_usd"].get("STANDARD", 0.0)
+                line += f" -> ~{_mb(o.estimate['dataset_bytes'])}, {_usd(usd)}/month"
+                tot_in += o.item.size
+                tot_out += o.estimate["dataset_bytes"]
+                tot_usd += usd if o.status != "skip" else 0.0
+            if o.reason:
+                line += f"\t({o.reason})"
+            print(line)
+        todo = [o for o in plans if o.status in ("convert", "reconvert")]
+        print(f"dry run: {len(todo)} to convert, {sum(o.status == 'skip' for o in plans)} to skip, "
+              f"{sum(o.status == 'failed' for o in plans)} failing; input {_mb(sum(o.item.size for o in todo))}, "
+              f"estimated datasets {_mb(sum(o.estimate['dataset_bytes'] for o in todo))}, "
+              f"{_usd(sum(o.estimate['monthly_usd'].get('STANDARD', 0.0) for o in todo))}/month (S3 STANDARD); "
+              f"nothing written")
+        return 1 if any(o.status == "failed" for o in plans) else 0
+    base = ConvertOptions(reference=args.reference, threads=args.threads, max_memory=args.max_memory,
+                          block_bytes=args.block_size, chunk_bytes=args.chunk_size,
+                          upload_concurrency=args.s3_concurrency)
+    outcomes = migrate.run(items, base, store_options=store_opts, s3_options=s3_src,
+                           delete_source=args.delete_source,
+                           on_done=None if args.quiet else migrate.tty_progress)
+    if args.json:
+        print(json.dumps([o.to_dict() for o in outcomes], indent=1))
+    for line in migrate.summary_lines(outcomes):
+        print(f"bams3: {line}", file=sys.stderr)
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
 def cmd_demo(args, argv) -> int:
     from .demo import run_demo
 
@@ -525,6 +581,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--dry-run", action="store_true", help="only print what would be removed")
     _add_store_options(p, write=False)
     p.set_defaults(func=cmd_cleanup)
+
+    p = sub.add_parser("migrate", help="convert every BAM/SAM/CRAM under directories or S3 prefixes; skips done ones",
+                       description="Convert every .bam/.sam/.sam.gz/.cram under each SRC (a directory, walked "
+                                   "recursively; an s3://bucket/prefix; a file; or @LIST, a file naming one SRC per "
+                                   "line) into DEST_PREFIX/<path relative to SRC>.bams3. A dataset whose manifest "
+                                   "records the same source (size and mtime, or ETag) is skipped; a changed source is "
+                                   "converted again. One failed file does not stop the others; the exit status is 1 "
+                                   "if any failed.",
+                       epilog=EPILOG_PATHS)
+    p.add_argument("sources", nargs="+", metavar="SRC", help="directory, s3://bucket/prefix, file, or @LIST")
+    p.add_argument("dest", metavar="DEST_PREFIX", help="local directory or s3://bucket/prefix")
+    p.add_argument("-T", "--reference", help="reference FASTA (CRAM input)")
+    p.add_argument("-@", "--threads", type=int, default=2, help="worker threads per conversion (default 2)")
+    p.add_argument("-m", "--max-memory", type=_size, default="768M", help="sort memory per conversion (default 768M)")
+    p.add_argument("--block-size", type=_size, default=DEFAULT_BLOCK_BYTES, help="as for convert")
+    p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_BYTES, help="as for convert")
+    p.add_argument("-n", "--dry-run", action="store_true",
+                   help="print what would be done, with input bytes, estimated dataset bytes and monthly cost; "
+                        "write nothing")
+    p.add_argument("--delete-source", action="store_true",
+                   help="delete each source file/object after its dataset was read back and compared record for "
+                        "record with it (never anything else: not its index, not other files)")
+    p.add_argument("--json", action="store_true", help="print the outcome of every file as JSON on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line on a terminal")
+    _add_store_options(p, write=True)
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("demo", help="run the whole pipeline on a local S3 endpoint with a generated sample",
                        description="Start a local S3 endpoint (moto, 127.0.0.1), generate a sample BAM, convert it "

@@ -47,6 +47,7 @@ class ConvertOptions:
     slice_bytes: int = 2 << 20  # raw record bytes per encode step (one Prefect `chunk` task)
     progress: Callable[[dict], None] | None = None
     warn: Callable[[str], None] | None = None  # one line about the input (default: stderr)
+    extra: dict = field(default_factory=dict)  # the manifest's `extra` (e.g. the source identity of `migrate`)
 
 
 def stderr_warning(msg: str) -> None:
@@ -220,7 +221,8 @@ def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, s
         header.text = sorted_header_text(header.text)
     sorted_by = "unplaced" if unaligned else "input" if already_sorted else "bams3"
     writer = DatasetWriter(store, header, block_bytes=opts.block_bytes, chunk_bytes=opts.chunk_bytes,
-                           overwrite=opts.overwrite, sorted_by=sorted_by, source=source)
+                           overwrite=opts.overwrite, sorted_by=sorted_by, source=source,
+                           extra=opts.extra)
     threads = max(1, opts.threads)
     upload_conc = opts.upload_concurrency or getattr(store, "concurrency", None) or 2 * threads
     own_executor = executor is None
@@ -314,7 +316,8 @@ def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, s
             prefix = writer
             writer = DatasetWriter(store, BamHeader(sorted_header_text(header.text), header.references),
                                    block_bytes=opts.block_bytes, chunk_bytes=opts.chunk_bytes,
-                                   overwrite=opts.overwrite, sorted_by="bams3", source=source)
+                                   overwrite=opts.overwrite, sorted_by="bams3", source=source,
+                                   extra=opts.extra)
             writers.append(writer)
             writer.prepare()
             planner = BlockPlanner(opts.block_bytes)

@@ -87,7 +87,7 @@ class DatasetWriter:
 
     def __init__(self, store: Store, header: BamHeader, *, block_bytes: int, chunk_bytes: int,
                  overwrite: bool = False, sorted_by: str = "input", source: str = "",
-                 run_id: str | None = None):
+                 run_id: str | None = None, extra: dict | None = None):
         self.store = store
         self.wide = False  # a block in the wide layout was written: the dataset is format v1.1
         self.header = header
@@ -96,6 +96,7 @@ class DatasetWriter:
         self.overwrite = overwrite
         self.sorted_by = sorted_by
         self.source = source
+        self.extra = dict(extra or {})  # the manifest's `extra` (FORMAT.md §3.1), e.g. {"source": identity}
         self.run_id = run_id or uuid.uuid4().hex[:16]
         if not layout.is_run_id(self.run_id):
             raise ValueError(f"run id {self.run_id!r} is not 16 lowercase hex digits")
@@ -261,6 +262,7 @@ class DatasetWriter:
             chunk_bytes=self.chunk_bytes,
             sorted_by=self.sorted_by,
             source=self.source,
+            extra=dict(self.extra),
             version=FORMAT_VERSION_WIDE if self.wide else FORMAT_VERSION,
         )
         if self.lease is not None and not self.lease.holds():

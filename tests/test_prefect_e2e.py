@@ -135,7 +135,7 @@ def test_deploy_and_run_convert_to_s3(s3_env, sample_bam_e2e, tmp_path):
         run(prefect, "concurrency-limit", "create", "bams3-s3-upload", "4")
         out = run(prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", cwd=REPO,
                   timeout=60)
-        for name in ("convert-to-s3/default", "verify-dataset/nightly", "storage-report/weekly"):
+        for name in ("convert-to-s3/default", "migrate/archive", "verify-dataset/nightly", "storage-report/weekly"):
             assert f"'{name}'" in out, out[-2000:]
 
         # the server's scheduler creates SCHEDULED runs for the two deployments with schedules
