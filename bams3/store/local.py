@@ -177,7 +177,7 @@ class LocalStore(Store):
 
     def incomplete_uploads(self, prefix=""):
         """Temporary files of writes in progress (or of writers that died) under ``prefix``."""
-        top = self._path(prefix) if prefix else self.root
+        top = self._path(prefix.rstrip("/")) if prefix.rstrip("/") else self.root  # a prefix may end in "/"
         for dirpath, _dirs, files in os.walk(top):
             for name in sorted(files):
                 if name.startswith(".tmp-"):
