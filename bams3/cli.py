@@ -1,4 +1,4 @@
-"""The `bams3` command line: convert, query, stats, export, verify, cleanup.
+"""The `bams3` command line: convert, query, stats, export, verify, log, rollback, cleanup.
 
 Conventions follow samtools: SAM on stdout so commands pipe, regions in samtools syntax,
 errors as one line on stderr with a non-zero exit status.

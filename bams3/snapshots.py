@@ -40,7 +40,9 @@ def read_snapshot(store: Store, run_id: str) -> tuple[bytes, Manifest]:
     try:
         data = store.get(key)
     except NotFound:
-        raise DatasetError(f"{store.uri}: no snapshot {run_id} (bams3 log {store.uri} lists the snapshots)") from None
+        data = _current_if(store, run_id)  # a commit not yet recorded as a snapshot (or from before them)
+        if data is None:
+            raise DatasetError(f"{store.uri}: no snapshot {run_id} (bams3 log {store.uri} lists the snapshots)") from None
     try:
         m = Manifest.from_json(data)
     except IndexError_ as e:
@@ -89,6 +91,18 @@ def log(store: Store) -> list[dict]:
                     "source": m.source, "current": run == current})
     out.sort(key=lambda e: (e["time"] or "", e["run_id"]), reverse=True)
     return out
+
+
+def _current_if(store: Store, run_id: str) -> bytes | None:
+    """The current manifest's bytes if it is the commit ``run_id``."""
+    try:
+        data = store.get(MANIFEST_KEY)
+    except NotFound:
+        return None
+    try:
+        return data if Manifest.from_json(data).run_id == run_id else None
+    except IndexError_:
+        return None
 
 
 def _current(store: Store) -> tuple[bytes, Manifest]:

@@ -34,7 +34,8 @@ _OBJECT_RES = [re.compile(p) for p in (
 _LEASE_RE = re.compile(rf"^runs/({RUN_ID})\.json$")
 _SNAPSHOT_RE = re.compile(rf"^snapshots/({RUN_ID})\.json$")
 # local store: a write in progress is a temporary file next to its target (mkstemp's names)
-_TEMP_RE = re.compile(rf"^(?:data/({RUN_ID})/(?:index/|chunks/)?|_tmp/({RUN_ID})/|runs/|snapshots/|)\.tmp-[a-z0-9_]{{8}}$")
+_TEMP_RE = re.compile(rf"^(?:data/({RUN_ID})/(?:index/|chunks/)?|_tmp/({RUN_ID})/|runs/|snapshots/|)"
+                      r"\.tmp-[a-z0-9_]{8}$")
 _MANIFEST_RUN_RE = re.compile(rf"data/({RUN_ID})/")
 
 

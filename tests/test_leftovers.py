@@ -72,6 +72,7 @@ def _files(root) -> set[str]:
     (".tmp-abcdefgh", "temp", None),
     (".manifest.json.lock", "lock", None),
     (f"snapshots/{DEAD}.json", "snapshot", DEAD),
+    ("snapshots/.tmp-abcdefgh", "temp", None),
 ])
 def test_layout_names_what_bams3_writes(key, kind, run):
     from bams3core.layout import classify
