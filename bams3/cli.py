@@ -1,4 +1,4 @@
-"""The `bams3` command line: convert, query, stats, export, verify, cleanup.
+"""The `bams3` command line: convert, query, stats, export, verify, log, rollback, cleanup.
 
 Conventions follow samtools: SAM on stdout so commands pipe, regions in samtools syntax,
 errors as one line on stderr with a non-zero exit status.
@@ -78,6 +78,7 @@ def cmd_convert(args, argv) -> int:
         raise InputError(f"{args.dest}: exists and is a file; DEST must be a directory or s3://bucket/prefix")
     opts = ConvertOptions(reference=args.reference, threads=args.threads, max_memory=args.max_memory,
                           block_bytes=args.block_size, chunk_bytes=args.chunk_size, overwrite=args.overwrite,
+                          keep_snapshots=args.keep_snapshots, keep_days=args.keep_days,
                           upload_concurrency=args.s3_concurrency,
                           progress=None if args.quiet else stderr_progress)
     with _open_store(args.dest, args, write=True) as store:
@@ -98,7 +99,8 @@ def _open_dataset(args):
         raise InputError(f"{args.dataset}: is a file, not a bams3 dataset (a directory or s3://bucket/prefix); "
                          f"make one with: bams3 convert {shlex.quote(args.dataset)} DEST")
     store = _open_store(args.dataset, args, write=False)
-    return Dataset.open(store, threads=args.threads, refresh=getattr(args, "refresh", False))
+    return Dataset.open(store, threads=args.threads, refresh=getattr(args, "refresh", False),
+                        snapshot=getattr(args, "snapshot", None))
 
 
 def cmd_query(args, argv) -> int:
@@ -432,6 +434,60 @@ def cmd_migrate(args, argv) -> int:
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
+def cmd_log(args, argv) -> int:
+    from . import snapshots
+
+    if not args.dataset.startswith("s3://") and not os.path.isdir(args.dataset):
+        raise InputError(f"{args.dataset}: no such directory")
+    with _open_store(args.dataset, args, write=False) as store:
+        entries = snapshots.log(store)
+    if args.json:
+        print(json.dumps(entries, indent=1))
+        return 0
+    for e in entries:
+        print(f"{e['run_id']}  {e['time']}  {e['records']:>12,} records  {e['bytes'] / 1e6:>10.2f} MB  "
+              f"{e['source'] or '-'}{'  (current)' if e['current'] else ''}")
+    return 0
+
+
+def cmd_rollback(args, argv) -> int:
+    from . import snapshots
+
+    if not args.dataset.startswith("s3://") and not os.path.isdir(args.dataset):
+        raise InputError(f"{args.dataset}: no such directory")
+    snapshots.check_run_id(args.run_id)
+    with _open_store(args.dataset, args, write=True) as store:
+        m = snapshots.rollback(store, args.run_id)
+    print(f"bams3: {args.dataset}: snapshot {m.run_id} ({m.created}, {m.n_records} records) is current",
+          file=sys.stderr)
+    return 0
+
+
+def _keep(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of snapshots >= 0, got {text!r}")
+    return n
+
+
+def _days(text: str) -> float:
+    try:
+        d = float(text)
+    except ValueError:
+        d = -1.0
+    if not d >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of days >= 0, got {text!r}")
+    return d
+
+
+def _add_snapshot_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshot", metavar="RUN_ID", help="read this earlier snapshot (a run id that `bams3 log` "
+                                                        "lists) instead of the current one")
+
+
 def cmd_demo(args, argv) -> int:
     from .demo import run_demo
 
@@ -462,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_BYTES,
                    help=f"compressed bytes per chunk object, the unit of upload (default {DEFAULT_CHUNK_BYTES >> 20}M)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at DEST")
+    p.add_argument("--keep-snapshots", type=_keep, default=1, metavar="N",
+                   help="--overwrite keeps the N most recent previous snapshots readable (bams3 log, --snapshot, "
+                        "rollback) and removes older ones (default 1; 0 removes the replaced run)")
+    p.add_argument("--keep-days", type=_days, default=None, metavar="D",
+                   help="also keep every snapshot written less than D days ago")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     _add_store_options(p, write=True)
     p.set_defaults(func=cmd_convert)
@@ -484,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="report requests and bytes on stderr")
     p.add_argument("--help", action="help", help="show this help message and exit")
     _add_store_options(p, write=False)
+    _add_snapshot_option(p)
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("stats", help="flagstat/idxstats from the manifest alone",
@@ -496,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--idxstats", action="store_true", help="only the samtools idxstats text")
     p.add_argument("-@", "--threads", type=int, default=2, help=argparse.SUPPRESS)
     _add_store_options(p, write=False)
+    _add_snapshot_option(p)
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("export", help="write the dataset (or regions) back to BAM + BAI, SAM or CRAM",
@@ -511,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-index", action="store_true", help="do not write OUT.bam.bai (or OUT.cram.crai)")
     p.add_argument("-@", "--threads", type=int, default=2)
     _add_store_options(p, write=False)
+    _add_snapshot_option(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help="decode everything and check every checksum and count",
@@ -518,7 +582,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     p.add_argument("-@", "--threads", type=int, default=2)
     _add_store_options(p, write=False)
+    _add_snapshot_option(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("log", help="list the dataset's snapshots (its commits still kept)",
+                       description="List the snapshots of DATASET, newest first: run id, commit time, records, "
+                                   "bytes, source, and which one is current. --overwrite keeps --keep-snapshots "
+                                   "of them; read one with --snapshot RUN_ID, make one current with rollback.",
+                       epilog=EPILOG_PATHS)
+    p.add_argument("dataset")
+    p.add_argument("--json", action="store_true", help="a JSON list of objects (run_id, time, records, bytes, "
+                                                       "source, current)")
+    _add_store_options(p, write=False)
+    p.set_defaults(func=cmd_log)
+
+    p = sub.add_parser("rollback", help="make an earlier snapshot current again",
+                       description="Make snapshot RUN_ID (see bams3 log) the current dataset, with one "
+                                   "conditional write of the manifest: it fails, changing nothing, if another "
+                                   "commit happened meanwhile.", epilog=EPILOG_PATHS)
+    p.add_argument("dataset")
+    p.add_argument("run_id", metavar="RUN_ID")
+    _add_store_options(p, write=True)
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("lifecycle", help="plan (or --apply) the S3 lifecycle rules for every dataset under a prefix",
                        description="Plan the lifecycle rules for every dataset under s3://bucket/prefix: at most 4 "

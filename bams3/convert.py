@@ -43,6 +43,8 @@ class ConvertOptions:
     block_bytes: int = DEFAULT_BLOCK_BYTES
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     overwrite: bool = False
+    keep_snapshots: int = 1  # previous snapshots an overwrite keeps (docs/FORMAT.md §2.6)
+    keep_days: float | None = None  # and every snapshot younger than this
     upload_concurrency: int | None = None  # default: the store's concurrency, else 2 x threads
     slice_bytes: int = 2 << 20  # raw record bytes per encode step (one Prefect `chunk` task)
     progress: Callable[[dict], None] | None = None
@@ -222,6 +224,7 @@ def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, s
     sorted_by = "unplaced" if unaligned else "input" if already_sorted else "bams3"
     writer = DatasetWriter(store, header, block_bytes=opts.block_bytes, chunk_bytes=opts.chunk_bytes,
                            overwrite=opts.overwrite, sorted_by=sorted_by, source=source,
+                           keep_snapshots=opts.keep_snapshots, keep_days=opts.keep_days,
                            extra=opts.extra)
     threads = max(1, opts.threads)
     upload_conc = opts.upload_concurrency or getattr(store, "concurrency", None) or 2 * threads
@@ -317,6 +320,7 @@ def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, s
             writer = DatasetWriter(store, BamHeader(sorted_header_text(header.text), header.references),
                                    block_bytes=opts.block_bytes, chunk_bytes=opts.chunk_bytes,
                                    overwrite=opts.overwrite, sorted_by="bams3", source=source,
+                                   keep_snapshots=opts.keep_snapshots, keep_days=opts.keep_days,
                                    extra=opts.extra)
             writers.append(writer)
             writer.prepare()

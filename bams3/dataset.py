@@ -39,7 +39,7 @@ from bams3core.query import RangeRead, overlap_mask, plan_reads, select_blocks
 from bams3core.regions import Region, RegionError, parse_region
 from bams3core.stats import StatsAccumulator, flagstat_counts
 
-from . import __version__, runs
+from . import __version__, runs, snapshots
 from .errors import Archived, DatasetError, InputError, NoSuchBucket, NotFound, PreconditionFailed
 from .store import Store
 
@@ -87,8 +87,11 @@ class DatasetWriter:
 
     def __init__(self, store: Store, header: BamHeader, *, block_bytes: int, chunk_bytes: int,
                  overwrite: bool = False, sorted_by: str = "input", source: str = "",
-                 run_id: str | None = None, extra: dict | None = None):
+                 run_id: str | None = None, extra: dict | None = None, keep_snapshots: int = 1,
+                 keep_days: float | None = None):
         self.store = store
+        self.keep_snapshots = keep_snapshots  # previous snapshots kept besides the current one (§2.6)
+        self.keep_days = keep_days  # and every snapshot written less than this many days ago
         self.wide = False  # a block in the wide layout was written: the dataset is format v1.1
         self.header = header
         self.block_bytes = block_bytes
@@ -109,6 +112,7 @@ class DatasetWriter:
         self._lock = threading.Lock()
         self.previous: Manifest | None = None
         self.previous_etag: str | None = None  # the manifest read by prepare(): commit replaces exactly it
+        self.previous_bytes: bytes | None = None
         self.lease: runs.Lease | None = None
         self.n_records = 0
         self.prepared = False
@@ -133,6 +137,7 @@ class DatasetWriter:
             if not self.overwrite:
                 raise DatasetError(f"{self.store.uri}: a dataset already exists here; use --overwrite to replace it")
             self.previous_etag = info.etag
+            self.previous_bytes = data
             try:
                 self.previous = Manifest.from_json(data)
             except IndexError_:
@@ -269,8 +274,16 @@ class DatasetWriter:
             raise DatasetError(f"{self.store.uri}: this conversion's lease ({layout.lease_key(self.run_id)}) was not "
                                f"refreshed for over {self.lease.ttl / 2:.0f} s, so another process may have removed "
                                "its objects as a dead run's; nothing was committed: convert again")
+        text = manifest.to_json()
+        prev_run = self.previous.run_id if self.previous is not None and self.previous.run_id != self.run_id else None
+        if prev_run is not None and self.keep_snapshots + (self.keep_days is not None) > 0:
+            # the manifest being replaced becomes a snapshot *before* the swap, so its run is
+            # never unprotected (a dataset written before snapshots has none yet)
+            skey = layout.snapshot_key(prev_run)
+            if not self.store.exists(skey):
+                self.store.set(skey, self.previous_bytes, content_type="application/json")
         try:
-            self.store.set(MANIFEST_KEY, manifest.to_json(), if_none_match=self.previous_etag is None,
+            self.store.set(MANIFEST_KEY, text, if_none_match=self.previous_etag is None,
                            if_match=self.previous_etag, content_type="application/json")
         except PreconditionFailed:
             if not self._committed_here():
@@ -280,13 +293,14 @@ class DatasetWriter:
                 raise PreconditionFailed(f"{self.store.uri}: another conversion replaced the dataset while this one "
                                          "ran; nothing was committed (convert again to replace it)") from None
         self.committed = True  # from here on the run is the dataset: never abort it
-        # remove the previous run and this run's spill leftovers, then the lease (best effort:
-        # a failure here leaves garbage that a later sweep or `bams3 cleanup` removes)
+        # record this commit as a snapshot, remove the runs beyond the retention and this
+        # run's spill leftovers, then the lease (best effort: a failure here leaves garbage that
+        # a later commit, sweep or `bams3 cleanup` removes)
         try:
-            old = []
-            if self.previous is not None and self.previous.run_id != self.run_id:
-                old = [o.key for o in self.store.list_prefix(run_prefix(self.previous.run_id))]
-            old += [o.key for o in self.store.list_prefix(f"_tmp/{self.run_id}/")]
+            self.store.set(layout.snapshot_key(self.run_id), text, content_type="application/json")
+            snapshots.apply_retention(self.store, current=self.run_id, previous=prev_run,
+                                      keep=self.keep_snapshots, keep_days=self.keep_days)
+            old = [o.key for o in self.store.list_prefix(f"_tmp/{self.run_id}/")]
             if old:
                 self.store.delete(old)
         except Exception:  # noqa: BLE001
@@ -336,26 +350,56 @@ class QueryStats:
     blocks_with_hits: int = 0  # decoded blocks holding at least one returned record
 
 
-class Dataset:
-    """A committed dataset, opened for reading."""
+class Stale(DatasetError):
+    """An object the manifest names is gone (404) or replaced (412): the dataset was committed
+    again after the manifest was read (or is damaged)."""
 
-    def __init__(self, store: Store, manifest: Manifest, *, threads: int = 2, refresh: bool = False):
+
+class Dataset:
+    """A committed dataset, opened for reading.
+
+    Coherence (docs/FORMAT.md §2.3): a query reads the objects of one manifest only. If one of
+    them is gone or replaced (another machine committed and the retention removed this
+    snapshot's run), and no record was returned yet, the query re-reads the manifest from the
+    store (no cache) and restarts once on it; a pinned snapshot (``snapshot=``) is not switched.
+    """
+
+    def __init__(self, store: Store, manifest: Manifest, *, threads: int = 2, refresh: bool = False,
+                 snapshot: str | None = None):
         self.store = store
-        self.manifest = manifest
+        self.snapshot = snapshot  # a run id: this snapshot was asked for, never switch to another
+        self._set_manifest(manifest)
         self.threads = max(1, threads)
         self.refresh = refresh  # revalidate cached header/index copies with the store (verify)
+        self.qstats = QueryStats()
+
+    def _set_manifest(self, manifest: Manifest) -> None:
+        self.manifest = manifest
         self._index: dict[int, np.ndarray] = {}
         self._page_rows: dict[tuple[int, int], np.ndarray] = {}
-        self.qstats = QueryStats()
         self.header = BamHeader(text="", references=[Reference(r["name"], r["length"]) for r in manifest.references])
         self.wide = manifest.wide  # v1.1: blocks decode to wide records (RecordBatch.wide)
         self._entry_dtype = ENTRY_DTYPE_WIDE if self.wide else ENTRY_DTYPE
         self._header_loaded = False
 
     @classmethod
-    def open(cls, store: Store, *, threads: int = 2, refresh: bool = False) -> "Dataset":
-        """Read and check the manifest (§2.3). Bytes that fail the check (a damaged cached copy,
-        or a damaged read) are dropped from the cache and read once more before giving up."""
+    def open(cls, store: Store, *, threads: int = 2, refresh: bool = False,
+             snapshot: str | None = None) -> "Dataset":
+        """Read and check the manifest (§2.3), or (``snapshot``, a run id) the snapshot
+        manifest of that commit (§2.6). Bytes that fail the check (a damaged cached copy, or a
+        damaged read) are dropped from the cache and read once more before giving up."""
+        if snapshot is not None:
+            try:
+                _data, manifest = snapshots.read_snapshot(store, snapshot)
+            except NoSuchBucket:
+                raise
+            except NotFound:
+                raise DatasetError(f"{store.uri}: no bams3 dataset here") from None
+            return cls(store, manifest, threads=threads, refresh=refresh, snapshot=snapshot)
+        return cls(store, cls._read_manifest(store, refresh), threads=threads, refresh=refresh)
+
+    @staticmethod
+    def _read_manifest(store: Store, refresh: bool) -> Manifest:
         try:
             data, _info = store.get_small(MANIFEST_KEY, max_age=0 if refresh else None)
             try:
@@ -371,14 +415,46 @@ class Dataset:
                                "a conversion that did not finish leaves none)") from None
         except IndexError_ as e:
             raise DatasetError(f"{store.uri}/{MANIFEST_KEY}: {e}") from None
-        return cls(store, manifest, threads=threads, refresh=refresh)
+        return manifest
+
+    def _reopen(self) -> bool:
+        """After a Stale read: take the store's current manifest (bypassing the cache). False if
+        there is nothing else to switch to (a pinned snapshot, or the manifest did not change:
+        the object is damaged, not superseded)."""
+        if self.snapshot is not None:
+            return False
+        manifest = self._read_manifest(self.store, True)
+        if manifest.run_id == self.manifest.run_id:
+            return False
+        self._set_manifest(manifest)
+        return True
+
+    def _coherent(self, make) -> Iterator[RecordBatch]:
+        """The batches of ``make()``; restarted once on a fresh manifest if an object turned
+        out superseded before any batch was returned (§2.3)."""
+        returned = False
+        try:
+            for b in make():
+                returned = True
+                yield b
+        except Stale:
+            if returned or not self._reopen():
+                raise
+        else:
+            return
+        yield from make()
 
     # -- metadata ------------------------------------------------------------------------
     def _read_checked(self, ref: ObjectRef, what: str) -> bytes:
         """A whole header or index object, checked against the manifest's size and SHA-256; a
         copy that fails (a damaged cache entry) is dropped and fetched again, once."""
         for _attempt in range(2):
-            data, _ = self.store.get_small(ref.key, max_age=0 if self.refresh else float("inf"))
+            try:
+                data, _ = self.store.get_small(ref.key, max_age=0 if self.refresh else float("inf"))
+            except NotFound:
+                raise Stale(f"{self.store.uri}/{ref.key}: missing {what} object (the dataset was committed again "
+                            "after its manifest was read, or is damaged); run the command again or verify the "
+                            "dataset") from None
             if len(data) == ref.size and hashlib.sha256(data).hexdigest() == ref.sha256:
                 return data
             self.store.invalidate(ref.key)
@@ -386,7 +462,12 @@ class Dataset:
 
     def header_text(self) -> str:
         if not self._header_loaded:
-            data = self._read_checked(self.manifest.header, "header")
+            try:
+                data = self._read_checked(self.manifest.header, "header")
+            except Stale:
+                if not self._reopen():
+                    raise
+                data = self._read_checked(self.manifest.header, "header")
             self.header.text = data.decode("utf-8", errors="surrogateescape")
             self._header_loaded = True
         return self.header.text
@@ -467,7 +548,12 @@ class Dataset:
         if missing:
             a, b = pages[missing[0]], pages[missing[-1]]
             span = (a.offset, b.offset + b.length)
-            data = self.store.get_small_range(ref.key, span)
+            try:
+                data = self.store.get_small_range(ref.key, span)
+            except NotFound:
+                raise Stale(f"{self.store.uri}/{ref.key}: missing index object (the dataset was committed again "
+                            "after its manifest was read, or is damaged); run the command again or verify the "
+                            "dataset") from None
             try:
                 self._decode_pages(ref, pages, missing, data, span[0], check_crc=True)
             except DatasetError:
@@ -490,7 +576,7 @@ class Dataset:
             data = self.store.get(chunk.key, (rr.start, rr.end), if_match=chunk.etag)
         except PreconditionFailed:
             # a run never rewrites its chunks (a rerun writes the same bytes, the same ETag)
-            raise DatasetError(f"{self.store.uri}/{chunk.key}: checksum mismatch: its ETag is not the one the "
+            raise Stale(f"{self.store.uri}/{chunk.key}: checksum mismatch: its ETag is not the one the "
                                "manifest records (corrupted or replaced object); run bams3 verify") from None
         except Archived as e:
             raise DatasetError(f"{self.store.uri}/{chunk.key}: chunk object is archived"
@@ -498,7 +584,7 @@ class Dataset:
                                f"must be restored before it can be read; restore it with "
                                f"`bams3 restore {self.store.uri}`") from None
         except NotFound:
-            raise DatasetError(f"{self.store.uri}/{chunk.key}: missing chunk object (dataset rewritten "
+            raise Stale(f"{self.store.uri}/{chunk.key}: missing chunk object (dataset rewritten "
                                "or damaged); run the command again or verify the dataset") from None
         with self._lock_stats():
             self.qstats.requests += 1
@@ -580,6 +666,10 @@ class Dataset:
 
     def query(self, regions: Iterable[Region] | None) -> Iterator[RecordBatch]:
         """Records for each region in turn (like `samtools view FILE R1 R2`); None = all."""
+        regions = None if regions is None else list(regions)
+        return self._coherent(lambda: self._query(regions))
+
+    def _query(self, regions: list[Region] | None) -> Iterator[RecordBatch]:
         if regions is None:
             rows = self.all_rows()
             for b in self.iter_blocks(rows, max_gap=1 << 20):
@@ -604,6 +694,9 @@ class Dataset:
 
     def query_union(self, regions: list[Region]) -> Iterator[RecordBatch]:
         """Records overlapping any region, each once, in file order (`samtools view -M`)."""
+        return self._coherent(lambda: self._query_union(list(regions)))
+
+    def _query_union(self, regions: list[Region]) -> Iterator[RecordBatch]:
         by_ref: dict[int, list[Region]] = {}
         for r in regions:
             by_ref.setdefault(r.ref_id, []).append(r)

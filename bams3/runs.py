@@ -91,11 +91,14 @@ def find_leftovers(store: Store, *, own: set[str] = frozenset()) -> layout.Remov
                 objects.append(layout.Listed(o.key, o.last_modified))
     uploads = [layout.Listed(u.key, u.initiated, u.upload_id) for u in store.incomplete_uploads("")
                if u.key not in seen and layout.classify(u.key) is not None]
+    # the runs of retained snapshots (§2.6) are committed runs too: listed after the runs
+    snapshot_runs = {r for r in (layout.snapshot_run(o.key) for o in store.list_prefix(layout.SNAPSHOTS)) if r}
     try:
         manifest = store.get(MANIFEST_KEY)
     except NotFound:
         manifest = None
-    return layout.plan_removal(objects, uploads, now=store.now(), committed=layout.manifest_runs(manifest),
+    return layout.plan_removal(objects, uploads, now=store.now(),
+                               committed=layout.manifest_runs(manifest) | snapshot_runs,
                                own=set(own), lease_ttl=layout.LEASE_TTL, stale_seconds=layout.STALE_SECONDS)
 
 

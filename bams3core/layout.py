@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 RUN_ID = r"[0-9a-f]{16}"
 LEASES = "runs/"
+SNAPSHOTS = "snapshots/"
 LOCK_KEY = ".manifest.json.lock"  # local store: the lock of the manifest's compare-and-swap
 
 #: a run's lease is refreshed every LEASE_TTL / HEARTBEATS_PER_TTL seconds
@@ -31,8 +32,10 @@ _OBJECT_RES = [re.compile(p) for p in (
     rf"^_tmp/({RUN_ID})/run-[0-9]{{6,}}$",
 )]
 _LEASE_RE = re.compile(rf"^runs/({RUN_ID})\.json$")
+_SNAPSHOT_RE = re.compile(rf"^snapshots/({RUN_ID})\.json$")
 # local store: a write in progress is a temporary file next to its target (mkstemp's names)
-_TEMP_RE = re.compile(rf"^(?:data/({RUN_ID})/(?:index/|chunks/)?|_tmp/({RUN_ID})/|runs/|)\.tmp-[a-z0-9_]{{8}}$")
+_TEMP_RE = re.compile(rf"^(?:data/({RUN_ID})/(?:index/|chunks/)?|_tmp/({RUN_ID})/|runs/|snapshots/|)"
+                      r"\.tmp-[a-z0-9_]{8}$")
 _MANIFEST_RUN_RE = re.compile(rf"data/({RUN_ID})/")
 
 
@@ -44,10 +47,21 @@ def lease_key(run_id: str) -> str:
     return f"{LEASES}{run_id}.json"
 
 
+def snapshot_key(run_id: str) -> str:
+    """The key of the snapshot manifest of the commit ``run_id`` (§2.6)."""
+    return f"{SNAPSHOTS}{run_id}.json"
+
+
+def snapshot_run(key: str) -> str | None:
+    """The run a snapshot manifest key names, or None."""
+    m = _SNAPSHOT_RE.match(key)
+    return m.group(1) if m else None
+
+
 @dataclass(frozen=True)
 class KeyKind:
-    kind: str  # "manifest" | "lock" | "object" | "lease" | "temp"
-    run_id: str | None  # None: manifest, lock, and temporary files of the manifest or a lease
+    kind: str  # "manifest" | "lock" | "object" | "lease" | "snapshot" | "temp"
+    run_id: str | None  # None: manifest, lock, and temporary files of the manifest, a lease or a snapshot
 
 
 def classify(key: str) -> KeyKind | None:
@@ -63,6 +77,9 @@ def classify(key: str) -> KeyKind | None:
     m = _LEASE_RE.match(key)
     if m:
         return KeyKind("lease", m.group(1))
+    m = _SNAPSHOT_RE.match(key)
+    if m:
+        return KeyKind("snapshot", m.group(1))
     m = _TEMP_RE.match(key)
     if m:
         return KeyKind("temp", m.group(1) or m.group(2))
@@ -110,7 +127,8 @@ def plan_removal(objects: list[Listed], uploads: list[Listed], *, now: float, co
     """Decide what of ``objects`` (listed under ``runs/``, ``data/``, ``_tmp/``) and
     ``uploads`` (unfinished uploads, local temporary files) belongs to dead runs.
 
-    ``committed``: runs the current manifest refers to (read *after* listing); ``own``: runs of
+    ``committed``: runs the current manifest and every retained snapshot manifest refer to
+    (read *after* listing); ``own``: runs of
     the caller. A run R of neither is dead if its lease ``runs/R.json`` is older than
     ``lease_ttl``, or it has no lease and everything it left is older than ``stale_seconds``.
     A committed run is never removed; only its spill runs and (stale or absent lease) its
@@ -121,8 +139,8 @@ def plan_removal(objects: list[Listed], uploads: list[Listed], *, now: float, co
     orphans: list[Listed] = []
     for item in objects + uploads:
         c = classify(item.key)
-        if c is None or c.kind in ("manifest", "lock"):
-            continue  # not ours to remove
+        if c is None or c.kind in ("manifest", "lock", "snapshot"):
+            continue  # not ours to remove (a snapshot goes only by its retention, §2.6)
         if c.run_id is None:
             orphans.append(item)
             continue
@@ -162,3 +180,23 @@ def plan_removal(objects: list[Listed], uploads: list[Listed], *, now: float, co
     # a run's lease goes last: while any of its objects remain, it stays attributable
     out.objects.sort(key=lambda k: (k.startswith(LEASES), k))
     return out
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    run_id: str
+    time: float | None  # when the snapshot manifest was last written (it became current then)
+
+
+def retained(snapshots: list[Snapshot], *, current: str | None, previous: str | None = None,
+             keep: int = 1, keep_days: float | None = None, now: float = 0.0) -> set[str]:
+    """The runs whose snapshots a retention keeps (§2.6): the current one, the ``keep`` most
+    recently current others (``previous``, the one just replaced, first; then by time, newest
+    first), and (``keep_days``) every snapshot written less than that many days ago."""
+    keep_set = {current} if current else set()
+    others = [s for s in snapshots if s.run_id != current]
+    others.sort(key=lambda s: (s.run_id != previous, -(s.time or 0.0), s.run_id))
+    keep_set.update(s.run_id for s in others[:max(0, keep)])
+    if keep_days is not None:
+        keep_set.update(s.run_id for s in others if s.time is not None and now - s.time < keep_days * 86400)
+    return keep_set

@@ -71,6 +71,8 @@ def _files(root) -> set[str]:
     (f"data/{DEAD}/chunks/.tmp-ab_d3f9z", "temp", DEAD),
     (".tmp-abcdefgh", "temp", None),
     (".manifest.json.lock", "lock", None),
+    (f"snapshots/{DEAD}.json", "snapshot", DEAD),
+    ("snapshots/.tmp-abcdefgh", "temp", None),
 ])
 def test_layout_names_what_bams3_writes(key, kind, run):
     from bams3core.layout import classify
@@ -234,11 +236,14 @@ def test_a_run_keeps_its_lease_fresh_and_will_not_commit_without_it(small_bam, t
 
 
 def _only_committed_run(files: set[str]) -> None:
-    """Only the committed run's objects (and the manifest and its lock) are left."""
+    """Only committed runs' objects (the current one and, after an overwrite, the snapshot it
+    replaced: FORMAT.md §2.6), their snapshot manifests, the manifest and its lock are left."""
     assert "manifest.json" in files, files
     runs = {f.split("/")[1] for f in files if f.startswith("data/")}
-    assert len(runs) == 1, files
-    assert {f for f in files if not f.startswith("data/")} <= {"manifest.json", ".manifest.json.lock"}, files
+    snaps = {f.split("/")[1][:-len(".json")] for f in files if f.startswith("snapshots/")}
+    assert runs == snaps and 1 <= len(runs) <= 2, files
+    assert {f for f in files if not f.startswith(("data/", "snapshots/"))} <= {"manifest.json",
+                                                                              ".manifest.json.lock"}, files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,13 +305,14 @@ def test_two_concurrent_overwrites_local(small_bam, tmp_path):
 
     ds = tmp_path / "ds"
     run_cli("convert", "-q", small_bam["bam"], ds)
+    first = json.loads((ds / "manifest.json").read_text())["run_id"]  # kept as the previous snapshot
     codes, errs = _race(small_bam, ["--overwrite", str(ds)], ["--overwrite", str(ds)], DatasetWriter.commit)
     assert sorted(codes) == [0, 1], (codes, errs)
     assert len(errs) == 1 and "another conversion replaced the dataset" in errs[0], errs
     files = _files(ds)
     _only_committed_run(files)
     winner = json.loads((ds / "manifest.json").read_text())["run_id"]
-    assert all(winner in f for f in files if f.startswith("data/"))
+    assert all(winner in f or first in f for f in files if f.startswith(("data/", "snapshots/")))
     assert run_cli("verify", ds).returncode == 0
 
 
@@ -410,11 +416,15 @@ def test_two_concurrent_overwrites_s3(small_bam, s3_env):
     c = s3_env.client()
     uri = s3_env.uri("race")
     run_cli("convert", "-q", small_bam["bam"], uri, env=env)
+    first = json.loads(c.get_object(Bucket=s3_env.bucket, Key="race/manifest.json")["Body"].read())["run_id"]
     codes, errs = _race(small_bam, ["--overwrite", uri], ["--overwrite", uri], DatasetWriter.commit)
     assert sorted(codes) == [0, 1], (codes, errs)
     assert len(errs) == 1 and "another conversion replaced the dataset" in errs[0], errs
     keys = _keys(c, s3_env.bucket, "race/")
     winner = json.loads(c.get_object(Bucket=s3_env.bucket, Key="race/manifest.json")["Body"].read())["run_id"]
-    assert keys and all(k == "race/manifest.json" or k.startswith(f"race/data/{winner}/") for k in keys), keys
+    # the winner's run and the one it replaced (kept as the previous snapshot, FORMAT.md §2.6)
+    kept = tuple(f"race/{d}{r}" for r in (winner, first) for d in ("data/", "snapshots/"))
+    assert keys and all(k == "race/manifest.json" or k.startswith(kept) for k in keys), keys
+    assert any(k.startswith(f"race/data/{winner}/") for k in keys)
     assert _uploads(c, s3_env.bucket) == []
     assert run_cli("verify", uri, env=env).returncode == 0
