@@ -94,8 +94,9 @@ def test_existing_dataset_needs_overwrite(small_bam, small_ds, tmp_path):
     shutil.copytree(small_ds, ds)
     _one_line_error(run_cli("convert", "-q", small_bam["bam"], ds, check=False), "--overwrite")
     run_cli("convert", "-q", "--overwrite", small_bam["bam"], ds)
-    runs = os.listdir(ds / "data")
-    assert len(runs) == 1  # the old run was removed after the new manifest landed
+    assert len(os.listdir(ds / "data")) == 2  # the replaced run is kept as a snapshot (--keep-snapshots 1)
+    run_cli("convert", "-q", "--overwrite", "--keep-snapshots", "0", small_bam["bam"], ds)
+    assert len(os.listdir(ds / "data")) == 1  # the old runs were removed after the new manifest landed
     assert run_cli("verify", ds).returncode == 0
 
 
