@@ -308,6 +308,16 @@ def cmd_cost(args, argv) -> int:
         for cls, e in rep["by_class"].items():
             out.append(f"  {cls}: {e['objects']} object(s), {_mb(e['bytes'])} ({_mb(e['billable_bytes'])} billed): "
                        f"{_usd(e['usd'])}/month")
+        nc = rep.get("noncurrent")
+        if nc is not None:
+            out.append(f"noncurrent versions (versioned bucket): {nc['versions']} version(s), {_mb(nc['bytes'])}, "
+                       f"{nc['delete_markers']} delete marker(s): {_usd(nc['monthly_usd'])}/month")
+            for cls, e in nc["by_class"].items():
+                out.append(f"  {cls}: {e['objects']} version(s), {_mb(e['bytes'])} ({_mb(e['billable_bytes'])} "
+                           f"billed): {_usd(e['usd'])}/month")
+            t = rep["total"]
+            out.append(f"total stored: {t['objects']} object(s) and version(s), {_mb(t['bytes'])}: "
+                       f"{_usd(t['monthly_usd'])}/month")
         for cls, usd in rep["projected_monthly_usd"].items():
             out.append(f"  with chunks in {cls}: {_usd(usd)}/month (transition once: "
                        f"{_usd(rep['transition_usd'][cls])})")

@@ -51,12 +51,26 @@ def profile(store: Store) -> dict:
     }
 
 
+def noncurrent_versions(store: Store) -> list | None:
+    """The noncurrent versions and delete markers under an S3 store's prefix if its bucket is
+    versioned or suspended (:func:`bams3.store.s3admin.noncurrent_versions`); None for a
+    non-versioned bucket or a local directory."""
+    from .store import s3admin
+    from .store.s3 import S3Store
+
+    if not isinstance(store, S3Store) or not s3admin.is_versioned(store):
+        return None
+    return s3admin.noncurrent_versions(store)
+
+
 def dataset_report(store: Store, *, egress: str = "internet") -> dict:
     """:func:`bams3core.cost.dataset_costs` for the dataset in ``store``: the objects of the
-    dataset (its own run and anything else under its prefix) and its index profile."""
+    dataset (its own run and anything else under its prefix) and its index profile; in a
+    versioned (or suspended) S3 bucket also the noncurrent versions and delete markers under
+    the prefix (``"noncurrent"`` and ``"total"``; a non-versioned bucket costs no extra request)."""
     prof = profile(store)
     objects = [(o.key, o.size, o.storage_class or "STANDARD") for o in store.list_prefix("")]
-    rep = cost.dataset_costs("", objects, prof, egress=egress)
+    rep = cost.dataset_costs("", objects, prof, egress=egress, noncurrent=noncurrent_versions(store))
     rep["uri"] = store.uri
     return rep
 

@@ -445,13 +445,31 @@ def fmt_usd(x: float | None) -> str:
 # ---------------------------------------------------------------------------------------------
 # one dataset: the numbers the storage report and `bams3 cost` show
 # ---------------------------------------------------------------------------------------------
+def noncurrent_costs(versions: Iterable[tuple[str, int, str | None, bool]], prices: Mapping = PRICES) -> dict:
+    """Monthly storage of a versioned bucket's noncurrent versions: ``versions`` are
+    ``(key, size, storage_class, is_delete_marker)``. Delete markers are counted apart and
+    priced at 0 bytes; noncurrent versions are billed like current objects of their class.
+
+    Returns ``{"versions", "delete_markers", "bytes", "by_class", "monthly_usd"}``.
+    """
+    versions = list(versions)
+    c = monthly_storage_cost(((size, sc) for _k, size, sc, dm in versions if not dm), prices)
+    return {"versions": c["objects"], "delete_markers": sum(1 for v in versions if v[3]), "bytes": c["bytes"],
+            "by_class": c["by_class"], "monthly_usd": c["usd"]}
+
+
 def dataset_costs(prefix: str, objects: Sequence[tuple[str, int, str | None]], prof: Mapping, *,
-                  egress: str = "internet", prices: Mapping = PRICES) -> dict:
+                  egress: str = "internet", prices: Mapping = PRICES,
+                  noncurrent: Iterable[tuple[str, int, str | None, bool]] | None = None) -> dict:
     """Storage per class per month, a ~1 kb region query (cold and warm), a whole read, and
     the projected storage with chunks in STANDARD_IA / GLACIER_IR, for one dataset.
 
     ``objects``: ``(key, size, storage_class)`` of every object under the dataset prefix (keys
     relative to it); ``prof``: what its index says queries read (``bams3.ops.profile``).
+    ``noncurrent`` (versioned buckets; None otherwise): the noncurrent versions and delete
+    markers under the prefix (see :func:`noncurrent_costs`). With it the result also has
+    ``"noncurrent"`` and ``"total"`` (current objects plus noncurrent versions: ``objects``,
+    ``bytes``, ``monthly_usd``); ``objects``/``bytes``/``monthly_usd`` stay current objects only.
     """
     storage_cost = monthly_storage_cost(((size, sc) for _k, size, sc in objects), prices)
     chunk_keys = set(prof["chunk_keys"])
@@ -477,7 +495,7 @@ def dataset_costs(prefix: str, objects: Sequence[tuple[str, int, str | None]], p
 
     chunk_sizes = [s for _k, s, _c in chunks]
     other_sizes = [s for _k, s, _c in others]
-    return {
+    out = {
         "prefix": prefix,
         "run_id": prof["run_id"],
         "records": prof["records"],
@@ -494,6 +512,18 @@ def dataset_costs(prefix: str, objects: Sequence[tuple[str, int, str | None]], p
                                   for c in ("STANDARD_IA", "GLACIER_IR")},
         "transition_usd": {c: transition_cost(len(chunks), c, prices) for c in ("STANDARD_IA", "GLACIER_IR")},
     }
+    if noncurrent is not None:
+        add_noncurrent(out, noncurrent_costs(noncurrent, prices))
+    return out
+
+
+def add_noncurrent(report: dict, nc: Mapping) -> dict:
+    """Set ``report["noncurrent"] = nc`` (from :func:`noncurrent_costs`) and ``report["total"]``:
+    the report's current ``objects``/``bytes``/``monthly_usd`` plus the noncurrent versions."""
+    report["noncurrent"] = dict(nc)
+    report["total"] = {"objects": report["objects"] + nc["versions"], "bytes": report["bytes"] + nc["bytes"],
+                       "monthly_usd": report["monthly_usd"] + nc["monthly_usd"]}
+    return report
 
 
 def _add(a: dict | None, b: dict | None) -> dict | None:

@@ -1,6 +1,7 @@
 """Flow ``storage-report``: what datasets cost on S3, and a lifecycle policy for them.
 
-Per dataset: bytes and objects by storage class, the monthly storage cost, the request and
+Per dataset: bytes and objects by storage class, the monthly storage cost (in a versioned
+bucket, noncurrent versions and delete markers too: shown apart and included in the total), the request and
 transfer cost of typical reads (a ~1 kb region query, cold and warm; a whole-dataset read),
 what the storage would cost once chunks moved to STANDARD_IA / GLACIER_IR. Prices and the
 arithmetic live in :mod:`bams3core.cost` (pure functions, tested on their own).
@@ -80,18 +81,25 @@ def storage_report(
             for s in stores.values():
                 s.close()
 
+        is_versioned = storage.versioned(root) if is_s3(target) else False
+        versions = storage.noncurrent_versions(root, inv["datasets"]) if is_versioned else None
+
         reports = []
         for p in inv["datasets"]:
-            r = dataset_costs(p, inv["objects"][p], profiles[p], egress=egress)
+            r = dataset_costs(p, inv["objects"][p], profiles[p], egress=egress,
+                              noncurrent=versions["by_dataset"][p] if versions else None)
             r["uri"] = join_uri(target, p)
             reports.append(r)
             log.info("%s: %d objects, %s, %s/month", r["uri"], r["objects"], human_bytes(r["bytes"]),
                      cost.fmt_usd(r["monthly_usd"]))
+            if versions:
+                nc = r["noncurrent"]
+                log.info("%s: %d noncurrent version(s), %s, %d delete marker(s), %s/month", r["uri"],
+                         nc["versions"], human_bytes(nc["bytes"]), nc["delete_markers"], cost.fmt_usd(nc["monthly_usd"]))
 
         lifecycle = None
         if is_s3(target):
             _s, _bucket, root_prefix = parse_uri(target)
-            is_versioned = storage.versioned(root)
             rules = cost.lifecycle_plan(root_prefix, ia_days=transition_ia_days,
                                         glacier_ir_days=transition_glacier_ir_days, tmp_expire_days=expire_tmp_days,
                                         abort_multipart_days=abort_multipart_days, versioned=is_versioned,
@@ -105,8 +113,18 @@ def storage_report(
 
     total = {"objects": sum(r["objects"] for r in reports), "bytes": sum(r["bytes"] for r in reports),
              "monthly_usd": sum(r["monthly_usd"] for r in reports)}
+    other = inv["other"]
+    if versions:  # noncurrent versions count in the totals, and are shown apart
+        other = dict(other, noncurrent=cost.noncurrent_costs(versions["other"]))
+        nc = {k: sum(r["noncurrent"][k] for r in reports) + other["noncurrent"][k]
+              for k in ("versions", "delete_markers", "bytes", "monthly_usd")}
+        total["current"] = dict(total)
+        total["noncurrent"] = nc
+        total["objects"] += nc["versions"]
+        total["bytes"] += nc["bytes"]
+        total["monthly_usd"] += nc["monthly_usd"]
     result = {"target": target, "egress": egress, "prices": cost.PRICES["source"], "datasets": reports,
-              "total": total, "other": inv["other"], "lifecycle": lifecycle}
+              "total": total, "other": other, "lifecycle": lifecycle}
     _publish(result)
     return result
 
@@ -131,6 +149,21 @@ def _publish(res: dict) -> None:
     rows = [[f"`{r['uri']}`", cls, e["objects"], human_bytes(e["bytes"]), human_bytes(e["billable_bytes"]), f(e["usd"])]
             for r in res["datasets"] for cls, e in r["by_class"].items()]
     lines.append(md_table(["Dataset", "Class", "Objects", "Bytes", "Billable", "Per month"], rows))
+    if "noncurrent" in res["total"]:
+        nc = res["total"]["noncurrent"]
+        lines.append(f"\n## Noncurrent versions (versioned bucket)\n\n{nc['versions']:,} noncurrent version(s), "
+                     f"{human_bytes(nc['bytes'])}, {nc['delete_markers']:,} delete marker(s): "
+                     f"**{f(nc['monthly_usd'])}/month**, included in the total above (current objects: "
+                     f"{human_bytes(res['total']['current']['bytes'])}, {f(res['total']['current']['monthly_usd'])}"
+                     f"/month).\n")
+        parts = [(f"`{r['uri']}`", r["noncurrent"]) for r in res["datasets"]]
+        if res["other"]["noncurrent"]["versions"] or res["other"]["noncurrent"]["delete_markers"]:
+            parts.append(("(no dataset)", res["other"]["noncurrent"]))
+        rows = [[name, cls, e["objects"], human_bytes(e["bytes"]), human_bytes(e["billable_bytes"]), f(e["usd"])]
+                for name, n in parts for cls, e in n["by_class"].items()]
+        rows += [[name, "delete markers", n["delete_markers"], "0 B", "", ""] for name, n in parts
+                 if n["delete_markers"]]
+        lines.append(md_table(["Dataset", "Class", "Versions", "Bytes", "Billable", "Per month"], rows))
     lc = res["lifecycle"]
     if lc:
         state = "applied to" if lc["applied"] else "dry run (apply_lifecycle=true writes them) for"

@@ -1,5 +1,6 @@
-"""Tasks that look at what is stored: find datasets, inventory objects, profile a dataset's
-index for query costs, and merge lifecycle rules into a bucket's configuration."""
+"""Tasks that look at what is stored: find datasets, inventory objects (and, in versioned
+buckets, noncurrent versions), profile a dataset's index for query costs, and merge lifecycle
+rules into a bucket's configuration."""
 
 from __future__ import annotations
 
@@ -78,6 +79,25 @@ def profile(store: Store) -> dict:
 def versioned(store) -> bool:
     """Is versioning enabled (or suspended) on the S3 store's bucket?"""
     return s3admin.is_versioned(store)
+
+
+@task(name="noncurrent-versions", tags=[TAG_READ], **retry_options(), **_NO_CACHE)
+def noncurrent_versions(store, datasets: list[str]) -> dict:
+    """The noncurrent versions and delete markers under a versioned bucket's ``store`` prefix
+    (ListObjectVersions), by dataset: ``{"by_dataset": {prefix: [(key, size, class,
+    is_delete_marker)...]}, "other": [...]}``, keys relative to the dataset prefix."""
+    versions = s3admin.noncurrent_versions(store)
+    order = sorted(datasets, key=len, reverse=True)
+    by_ds: dict[str, list] = {p: [] for p in datasets}
+    other = []
+    for key, size, sc, dm in versions:
+        p = owner(key, order)
+        if p is None:
+            other.append((key, size, sc, dm))
+        else:
+            by_ds[p].append((key[len(p) + 1:] if p else key, size, sc, dm))
+    get_run_logger().info("%s: %d noncurrent version(s) and delete marker(s)", store.uri, len(versions))
+    return {"by_dataset": by_ds, "other": other}
 
 
 @task(name="lifecycle", **retry_options(), **_NO_CACHE)

@@ -39,6 +39,7 @@ OPERATION_ACTIONS = {
     "DeleteObjects": {"s3:DeleteObject"},
     "GetBucketLocation": {"s3:GetBucketLocation"},
     "GetBucketVersioning": {"s3:GetBucketVersioning"},
+    "ListObjectVersions": {"s3:ListBucketVersions"},
     "GetBucketLifecycleConfiguration": {"s3:GetLifecycleConfiguration"},
     "PutBucketLifecycleConfiguration": {"s3:PutLifecycleConfiguration"},
     "RestoreObject": {"s3:RestoreObject"},
@@ -46,7 +47,7 @@ OPERATION_ACTIONS = {
     "PutObjectTagging": {"s3:PutObjectTagging"},
 }
 # actions on the bucket ARN; every other s3 action is on object ARNs (bucket/prefix/*)
-BUCKET_ACTIONS = {"s3:ListBucket", "s3:ListBucketMultipartUploads", "s3:GetBucketLocation",
+BUCKET_ACTIONS = {"s3:ListBucket", "s3:ListBucketMultipartUploads", "s3:ListBucketVersions", "s3:GetBucketLocation",
                   "s3:GetBucketVersioning", "s3:GetLifecycleConfiguration",
                   "s3:PutLifecycleConfiguration"}
 FAKE_RUN = "0123456789abcdef"  # a crashed conversion's run: its leftovers are cleaned up
@@ -144,7 +145,9 @@ def test_policies_match_the_operations_bams3_calls(s3_env, sample_bam, tmp_path,
     c = s3_env.client()
 
     # writer: convert (one object big enough for a multipart upload), overwrite, cleanup of a
-    # crashed run's leftovers (an object and an unfinished multipart upload)
+    # crashed run's leftovers (an object and an unfinished multipart upload), cost; in a
+    # versioned bucket (`cost` lists the noncurrent versions there)
+    c.put_bucket_versioning(Bucket=s3_env.bucket, VersioningConfiguration={"Status": "Enabled"})
     run("convert", "-q", "--chunk-size", "64K", "--block-size", "16K", sample_bam, uri)
     run("convert", "-q", "--overwrite", "--chunk-size", "6M", "--s3-part-size", "5M", sample_bam, uri)
     c.put_object(Bucket=s3_env.bucket, Key=f"ds/data/{FAKE_RUN}/chunks/000000.b3c", Body=b"x")
@@ -153,7 +156,9 @@ def test_policies_match_the_operations_bams3_calls(s3_env, sample_bam, tmp_path,
     run("cleanup", "--dry-run", uri)
     run("cleanup", uri)
     assert not c.list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads")
+    run("cost", uri)
     ops, needed = rec.take()
+    assert "ListObjectVersions" in ops, ops
     assert {"PutObject", "DeleteObjects", "AbortMultipartUpload", "ListMultipartUploads"} <= ops, ops
     check("writer", needed, ops)
 
@@ -166,6 +171,7 @@ def test_policies_match_the_operations_bams3_calls(s3_env, sample_bam, tmp_path,
         run("verify", uri)
         run("cost", uri)
     ops, needed = rec.take()
+    assert "ListObjectVersions" in ops, ops
     check("reader", needed, ops)
 
     # admin: lifecycle --apply on the bucket, restore of archived chunks

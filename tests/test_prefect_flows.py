@@ -488,3 +488,54 @@ def test_storage_report_by_hand_and_lifecycle(prefect_harness, s3_env, sample_ba
 
     with pytest.raises(InputError):
         storage_report(dataset=uri, transition_ia_days=7)
+
+
+def test_storage_report_counts_noncurrent_versions(prefect_harness, s3_env, sample_bam, fast_retries, monkeypatch):
+    """Issue #12 item 1: in a versioned bucket the report counts noncurrent versions and delete
+    markers (apart, and in the total, which then equals what is stored); a non-versioned bucket
+    gets no ListObjectVersions."""
+    from bams3.store.s3 import S3Store
+    from flows import storage_report
+
+    ops = []
+    orig = S3Store._make_client
+
+    def make_client(store, region):
+        client = orig(store, region)
+        client.meta.events.register("before-parameter-build.s3", lambda model=None, **_kw: ops.append(model.name))
+        return client
+
+    monkeypatch.setattr(S3Store, "_make_client", make_client)
+    c = s3_env.client()
+    uri = s3_env.uri("cohort/ds")
+    assert cli("convert", "-q", "--chunk-size", CHUNK, sample_bam, uri) == 0
+    ops.clear()
+    res = storage_report(dataset=s3_env.uri("cohort"))
+    assert "GetBucketVersioning" in ops and "ListObjectVersions" not in ops
+    assert set(res["total"]) == {"objects", "bytes", "monthly_usd"} and "noncurrent" not in res["datasets"][0]
+    assert "noncurrent" not in res["other"]
+
+    c.put_bucket_versioning(Bucket=s3_env.bucket, VersioningConfiguration={"Status": "Enabled"})
+    assert cli("convert", "-q", "--overwrite", "--keep-snapshots", "0", "--chunk-size", "32K", sample_bam, uri) == 0
+    versions, markers = [], []
+    for page in c.get_paginator("list_object_versions").paginate(Bucket=s3_env.bucket, Prefix="cohort/"):
+        versions += page.get("Versions", [])
+        markers += page.get("DeleteMarkers", [])
+    current = [v for v in versions if v["IsLatest"]]
+    old = [v for v in versions if not v["IsLatest"]]
+    assert old and markers
+    ops.clear()
+    res = storage_report(dataset=s3_env.uri("cohort"))
+    assert "ListObjectVersions" in ops
+    (d,) = res["datasets"]
+    assert (d["objects"], d["bytes"]) == (len(current), sum(v["Size"] for v in current))
+    nc = d["noncurrent"]
+    assert (nc["versions"], nc["bytes"], nc["delete_markers"]) == (len(old), sum(v["Size"] for v in old), len(markers))
+    assert nc["monthly_usd"] == pytest.approx(nc["bytes"] / 2 ** 30 * 0.023, rel=1e-12)
+    stored = sum(v["Size"] for v in versions)
+    assert res["total"]["bytes"] == d["total"]["bytes"] == stored  # what is stored
+    assert res["total"]["objects"] == len(versions)
+    assert res["total"]["monthly_usd"] == pytest.approx(stored / 2 ** 30 * 0.023, rel=1e-12)
+    assert res["total"]["current"]["bytes"] == d["bytes"]
+    assert res["total"]["noncurrent"]["bytes"] == nc["bytes"]
+    assert res["lifecycle"]["versioned"] is True

@@ -302,3 +302,78 @@ def test_cost_of_a_dataset_matches_the_price_list(s3_env, sample_bam, capsys):
     assert rc == 0 and "STANDARD_IA: " in out and "1 kb region query" in out and "whole read" in out
     rc, _out, err = cli(capsys, "cost", s3_env.uri("nothing-here"))
     assert rc == 1 and err.count("\n") == 1
+
+
+class _S3Ops:
+    """The S3 operations (names) every client bams3 creates sends."""
+
+    def __init__(self, monkeypatch):
+        from bams3.store.s3 import S3Store
+
+        self.ops: list[str] = []
+        orig = S3Store._make_client
+
+        def make_client(store, region):
+            client = orig(store, region)
+            client.meta.events.register("before-parameter-build.s3",
+                                        lambda model=None, **_kw: self.ops.append(model.name))
+            return client
+
+        monkeypatch.setattr(S3Store, "_make_client", make_client)
+
+
+def test_cost_counts_noncurrent_versions_in_a_versioned_bucket(s3_env, sample_bam, capsys, monkeypatch):
+    """Issue #12 item 1: after --overwrite in a versioned bucket the replaced run's objects
+    survive as noncurrent versions; `bams3 cost` counts them apart and in the total, which
+    equals the bytes of every version under the prefix."""
+    c = s3_env.client()
+    ops = _S3Ops(monkeypatch)
+    plain = s3_env.uri("plain")  # not versioned: no ListObjectVersions, output as before
+    assert cli(capsys, "convert", "-q", "--chunk-size", "64K", sample_bam, plain)[0] == 0
+    ops.ops.clear()
+    rc, out, err = cli(capsys, "cost", "--json", plain)
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert "ListObjectVersions" not in ops.ops and "GetBucketVersioning" in ops.ops
+    assert "noncurrent" not in rep and "total" not in rep
+    assert "noncurrent" not in cli(capsys, "cost", plain)[1]
+
+    c.put_bucket_versioning(Bucket=s3_env.bucket, VersioningConfiguration={"Status": "Enabled"})
+    uri = s3_env.uri("ver")
+    assert cli(capsys, "convert", "-q", "--chunk-size", "64K", sample_bam, uri)[0] == 0
+    assert cli(capsys, "convert", "-q", "--overwrite", "--keep-snapshots", "0", "--chunk-size", "32K",
+               sample_bam, uri)[0] == 0
+    versions, markers = [], []
+    for page in c.get_paginator("list_object_versions").paginate(Bucket=s3_env.bucket, Prefix="ver/"):
+        versions += page.get("Versions", [])
+        markers += page.get("DeleteMarkers", [])
+    current = [v for v in versions if v["IsLatest"]]
+    old = [v for v in versions if not v["IsLatest"]]
+    assert old and markers  # the replaced run's objects: noncurrent, behind delete markers
+    ops.ops.clear()
+    rc, out, err = cli(capsys, "cost", "--json", uri)
+    assert rc == 0, err
+    assert "ListObjectVersions" in ops.ops
+    rep = json.loads(out)
+    assert (rep["objects"], rep["bytes"]) == (len(current), sum(v["Size"] for v in current))
+    nc = rep["noncurrent"]
+    assert (nc["versions"], nc["delete_markers"]) == (len(old), len(markers))
+    assert nc["bytes"] == sum(v["Size"] for v in old) > 0
+    assert nc["monthly_usd"] == pytest.approx(nc["bytes"] / GB * 0.023, rel=1e-12)
+    assert nc["by_class"]["STANDARD"]["objects"] == len(old)
+    assert rep["total"]["bytes"] == sum(v["Size"] for v in versions)  # what is stored
+    assert rep["total"]["objects"] == len(versions)
+    assert rep["total"]["monthly_usd"] == pytest.approx(sum(v["Size"] for v in versions) / GB * 0.023, rel=1e-12)
+    rc, out, _ = cli(capsys, "cost", uri)
+    assert rc == 0 and f"noncurrent versions (versioned bucket): {len(old)} version(s)" in out
+    assert "total stored: " in out
+
+
+def test_noncurrent_costs_price_versions_by_class_and_markers_at_zero():
+    nc = cost.noncurrent_costs([("a", 1000, "STANDARD_IA", False), ("b", GB, None, False),
+                                ("c", 0, "STANDARD", True), ("d", 0, "STANDARD", True)])
+    assert (nc["versions"], nc["delete_markers"], nc["bytes"]) == (2, 2, GB + 1000)
+    assert nc["by_class"]["STANDARD_IA"]["billable_bytes"] == 128 * 1024  # minimum billable size applies
+    assert nc["monthly_usd"] == pytest.approx(0.023 + 128 * 1024 / GB * 0.0125, rel=1e-12)
+    rep = cost.add_noncurrent({"objects": 3, "bytes": 10, "monthly_usd": 1.0}, nc)
+    assert rep["total"] == {"objects": 5, "bytes": GB + 1010, "monthly_usd": pytest.approx(1.0 + nc["monthly_usd"])}

@@ -1,5 +1,5 @@
 """Bucket-level S3 operations on an :class:`~bams3.store.s3.S3Store`'s bucket: lifecycle
-configuration, versioning status, and restores of archived objects.
+configuration, versioning status and noncurrent object versions, and restores of archived objects.
 
 Kept apart from the store (which reads and writes a dataset's objects): these calls act on the
 bucket or on objects' storage state, and are used by ``bams3 lifecycle`` / ``bams3 restore``
@@ -57,6 +57,26 @@ def is_versioned(store: S3Store) -> bool:
     except Exception as e:  # noqa: BLE001
         raise store._err(e, op="GetBucketVersioning") from None
     return resp.get("Status") in ("Enabled", "Suspended")
+
+
+def noncurrent_versions(store: S3Store) -> list[tuple[str, int, str, bool]]:
+    """Every noncurrent object version and delete marker under the store's prefix
+    (ListObjectVersions, paginated): ``(key relative to the store, size, storage class,
+    is_delete_marker)``. Current versions are left out (``list_prefix`` lists them)."""
+    full = store.prefix + "/" if store.prefix else ""
+    out = []
+    try:
+        pages = store.client.get_paginator("list_object_versions").paginate(Bucket=store.bucket, Prefix=full)
+        for page in pages:
+            for v in page.get("Versions", ()):
+                if not v.get("IsLatest"):
+                    out.append((store._rel(v["Key"]), int(v.get("Size", 0)), v.get("StorageClass") or "STANDARD",
+                                False))
+            for m in page.get("DeleteMarkers", ()):
+                out.append((store._rel(m["Key"]), 0, "STANDARD", True))
+    except Exception as e:  # noqa: BLE001
+        raise store._err(e, full or None, "ListObjectVersions", full=True) from None
+    return out
 
 
 def lifecycle(store: S3Store, rules: Sequence[dict], *, apply: bool = False,
