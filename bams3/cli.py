@@ -118,8 +118,8 @@ def cmd_query(args, argv) -> int:
     else:
         batches = ds.query(regions)
     pg = None if args.no_PG else _pg_line(argv)
-    if args.count:
-        n = sum(len(b) for b in batches)
+    if args.count:  # from the index where it can; edge blocks decode only positions, flags, CIGARs
+        n = ds.count(regions, union=regions is not None and args.multi_region)
         _write_text(args.output, f"{n}\n")
     elif args.header_only:
         _write_text(args.output, ds.header_text() + ("" if not pg else pg + "\n"))

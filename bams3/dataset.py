@@ -30,7 +30,8 @@ import numpy as np
 
 from bams3core import layout
 from bams3core.bam import FLAG_UNMAP, BamHeader, RecordBatch, Reference
-from bams3core.codec import BlockEncoder, CodecError, EncodedBlock, decode_block
+from bams3core.codec import (PLAIN_STREAMS, STREAM_NAMES, BlockColumns, BlockEncoder, CodecError, EncodedBlock,
+                             assemble_records, frame_self_checked, split_streams, streams_for)
 from bams3core.index import (ENTRY_DTYPE, ENTRY_DTYPE_WIDE, FORMAT_VERSION, FORMAT_VERSION_WIDE, HEADER_KEY,
                              MANIFEST_KEY, IndexError_, IndexPage, Manifest, ObjectRef,
                              decode_index, encode_index_pages, narrow_entries, select_pages, widen_entries)
@@ -342,6 +343,8 @@ class DatasetWriter:
 # ---------------------------------------------------------------------------------------
 @dataclass
 class QueryStats:
+    """What a query read: data requests and bytes (chunk objects only), blocks and records."""
+
     requests: int = 0
     bytes: int = 0
     blocks: int = 0
@@ -372,6 +375,10 @@ class Dataset:
         self.threads = max(1, threads)
         self.refresh = refresh  # revalidate cached header/index copies with the store (verify)
         self.qstats = QueryStats()
+        self._qlock = threading.Lock()
+        # whether this dataset's plain stream frames carry zstd checksums, so a projection may
+        # fetch only some frames of a block (None: not seen yet; bams3core.codec.PLAIN_STREAMS)
+        self._frames_checked: bool | None = None
 
     def _set_manifest(self, manifest: Manifest) -> None:
         self.manifest = manifest
@@ -571,9 +578,17 @@ class Dataset:
 
     # -- data ----------------------------------------------------------------------------
     def _fetch(self, rr: RangeRead) -> bytes:
-        chunk = self.manifest.chunks[rr.chunk]
+        data = self._get_ranges(rr.chunk, [(rr.start, rr.end)])[0]
+        return data
+
+    def _get_ranges(self, chunk_no: int, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Byte ranges of one chunk object (parallel ranged GETs on S3, each with If-Match)."""
+        chunk = self.manifest.chunks[chunk_no]
         try:
-            data = self.store.get(chunk.key, (rr.start, rr.end), if_match=chunk.etag)
+            if len(ranges) == 1:
+                out = [self.store.get(chunk.key, ranges[0], if_match=chunk.etag)]
+            else:
+                out = self.store.get_ranges(chunk.key, ranges, if_match=chunk.etag)
         except PreconditionFailed:
             # a run never rewrites its chunks (a rerun writes the same bytes, the same ETag)
             raise Stale(f"{self.store.uri}/{chunk.key}: checksum mismatch: its ETag is not the one the "
@@ -586,60 +601,107 @@ class Dataset:
         except NotFound:
             raise Stale(f"{self.store.uri}/{chunk.key}: missing chunk object (dataset rewritten "
                                "or damaged); run the command again or verify the dataset") from None
-        with self._lock_stats():
-            self.qstats.requests += 1
-            self.qstats.bytes += len(data)
-        if len(data) != rr.size:
-            raise DatasetError(f"{self.store.uri}/{chunk.key}: short read (corrupt or truncated chunk)")
-        return data
+        with self._qlock:
+            self.qstats.requests += len(ranges)
+            self.qstats.bytes += sum(len(d) for d in out)
+        for (a, b), d in zip(ranges, out):
+            if len(d) != b - a:
+                raise DatasetError(f"{self.store.uri}/{chunk.key}: short read (corrupt or truncated chunk)")
+        return out
 
-    def _lock_stats(self):
-        lock = getattr(self, "_qlock", None)
-        if lock is None:
-            lock = self._qlock = threading.Lock()
-        return lock
+    def _checked_block(self, chunk_no: int, row, blk) -> bytes:
+        if zlib.crc32(blk) != int(row["crc32"]):
+            raise DatasetError(f"{self.store.uri}/{self.manifest.chunks[chunk_no].key}: checksum mismatch in block "
+                               f"at byte {int(row['offset'])} (corrupt chunk)")
+        return blk
+
+    def _columns(self, chunk_no: int, row, frames: dict) -> BlockColumns:
+        return BlockColumns(frames, int(row["n_records"]), int(row["ref_id"]), int(row["first_start"]),
+                            wide=block_is_wide(row))
 
     def _decode_range(self, rr: RangeRead, data: bytes) -> list[RecordBatch]:
         out = []
-        chunk = self.manifest.chunks[rr.chunk]
         for row in rr.rows:
             a = int(row["offset"]) - rr.start
-            blk = data[a:a + int(row["length"])]
-            if zlib.crc32(blk) != int(row["crc32"]):
-                raise DatasetError(f"{self.store.uri}/{chunk.key}: checksum mismatch in block at byte "
-                                   f"{int(row['offset'])} (corrupt chunk)")
+            blk = self._checked_block(rr.chunk, row, data[a:a + int(row["length"])])
             try:
-                batch = decode_block(blk, row["stream_sizes"].tolist(), int(row["n_records"]),
-                                     int(row["ref_id"]), int(row["first_start"]), wide=block_is_wide(row))
+                frames = split_streams(blk, row["stream_sizes"].tolist())
+                batch = assemble_records(self._columns(rr.chunk, row, frames))
             except CodecError as e:
-                raise DatasetError(f"{self.store.uri}/{chunk.key}: {e}") from None
+                raise DatasetError(f"{self.store.uri}/{self.manifest.chunks[rr.chunk].key}: {e}") from None
             out.append(batch)
         return out
 
-    def iter_blocks(self, rows: np.ndarray, max_gap: int = 0) -> Iterator[RecordBatch]:
-        """Decoded blocks for the given index rows, in order; reads and decodes in parallel."""
-        reads = plan_reads(rows, max_gap=max_gap)
+    def _project_range(self, rr: RangeRead, fields: tuple[str, ...], need: list[int]) -> list[BlockColumns]:
+        """The blocks of ``rr`` decoded for ``fields`` only, reading only the frames of streams
+        ``need`` when they check themselves (zstd content checksums, FORMAT.md §7); otherwise
+        (frames written without checksums, or a stream with its own framing) the whole blocks,
+        checked against their CRC-32. Never data that was not checked."""
+        partial = self._frames_checked is not False and all(STREAM_NAMES[k] in PLAIN_STREAMS for k in need)
+        out: list[BlockColumns] = []
+        if partial:
+            spans = []  # per block: (stream number, absolute start, end)
+            ranges: list[list[int]] = []
+            for row in rr.rows:
+                sizes = row["stream_sizes"].astype(np.int64)
+                starts = int(row["offset"]) + np.concatenate(([0], np.cumsum(sizes)))
+                mine = []
+                for k in need:
+                    a, b = int(starts[k]), int(starts[k + 1])
+                    mine.append((k, a, b))
+                    if ranges and ranges[-1][1] == a:
+                        ranges[-1][1] = b  # adjacent to the previous frame: one range
+                    elif b > a:
+                        ranges.append([a, b])
+                spans.append(mine)
+            got = self._get_ranges(rr.chunk, [(a, b) for a, b in ranges])
+            bounds = np.array([a for a, _ in ranges], dtype=np.int64)
+            unchecked = False
+            blocks = []
+            for row, mine in zip(rr.rows, spans):
+                frames = {}
+                for k, a, b in mine:
+                    i = int(np.searchsorted(bounds, a, side="right")) - 1
+                    frame = memoryview(got[i])[a - int(bounds[i]):b - int(bounds[i])]
+                    if not frame_self_checked(frame):
+                        unchecked = True
+                    frames[STREAM_NAMES[k]] = frame
+                blocks.append(frames)
+            if not unchecked:
+                self._frames_checked = True
+                for row, frames in zip(rr.rows, blocks):
+                    out.append(self._columns(rr.chunk, row, frames))
+            else:
+                self._frames_checked = False  # written without frame checksums: read whole blocks
+                out = []
+        if not out and len(rr.rows):
+            data = self._fetch(rr)
+            for row in rr.rows:
+                a = int(row["offset"]) - rr.start
+                blk = self._checked_block(rr.chunk, row, data[a:a + int(row["length"])])
+                try:
+                    frames = split_streams(blk, row["stream_sizes"].tolist())
+                except CodecError as e:
+                    raise DatasetError(f"{self.store.uri}/{self.manifest.chunks[rr.chunk].key}: {e}") from None
+                out.append(self._columns(rr.chunk, row, {STREAM_NAMES[k]: frames[STREAM_NAMES[k]] for k in need}))
+        try:
+            for c in out:
+                for f in fields:  # decode here, on the worker thread
+                    getattr(c, _FIELD_ATTR[f])
+        except CodecError as e:
+            raise DatasetError(f"{self.store.uri}/{self.manifest.chunks[rr.chunk].key}: {e}") from None
+        return out
+
+    def _pipeline(self, reads: list[RangeRead], work) -> Iterator:
+        """``work(rr)`` (a list) for each read, in order; fetches and decodes in parallel."""
         if not reads:
             return
-        self.qstats.blocks += len(rows)
-        # split large sequential reads so memory stays bounded and work spreads over threads
-        reads = _split_reads(reads, max_bytes=8 << 20)
         if len(reads) == 1:
-            batches = self._decode_range(reads[0], self._fetch(reads[0]))
-            for b in batches:
-                self.qstats.records_decoded += len(b)
-                yield b
+            yield from work(reads[0])
             return
         # at most `concurrency` ranged GETs in flight (the store's, i.e. --s3-concurrency;
         # 2 x threads for a store without one); decoding runs on up to `threads` of the workers
         conc = max(1, getattr(self.store, "concurrency", None) or 2 * self.threads)
-        fetch_slots = threading.BoundedSemaphore(conc)
-
-        def fetch_decode(rr: RangeRead) -> list[RecordBatch]:
-            with fetch_slots:
-                data = self._fetch(rr)
-            return self._decode_range(rr, data)
-
         with ThreadPoolExecutor(max(self.threads, conc)) as pool:
             window = max(2, self.threads * 2, conc)
             futs = []
@@ -648,16 +710,43 @@ class Dataset:
             def submit():
                 rr = next(it, None)
                 if rr is not None:
-                    futs.append(pool.submit(fetch_decode, rr))
+                    futs.append(pool.submit(work, rr))
 
             for _ in range(window):
                 submit()
             while futs:
-                batches = futs.pop(0).result()
+                items = futs.pop(0).result()
                 submit()
-                for b in batches:
-                    self.qstats.records_decoded += len(b)
-                    yield b
+                yield from items
+
+    def iter_blocks(self, rows: np.ndarray, max_gap: int = 0) -> Iterator[RecordBatch]:
+        """Decoded blocks for the given index rows, in order; reads and decodes in parallel."""
+        reads = plan_reads(rows, max_gap=max_gap)
+        if not reads:
+            return
+        with self._qlock:
+            self.qstats.blocks += len(rows)
+        # split large sequential reads so memory stays bounded and work spreads over threads
+        reads = _split_reads(reads, max_bytes=8 << 20)
+        for b in self._pipeline(reads, lambda rr: self._decode_range(rr, self._fetch(rr))):
+            self.qstats.records_decoded += len(b)
+            yield b
+
+    def iter_columns(self, rows: np.ndarray, fields) -> Iterator[BlockColumns]:
+        """The blocks of ``rows``, in order, decoded for ``fields`` only (names in
+        :data:`bams3core.codec.FIELD_STREAMS`): only the byte ranges of the streams those
+        fields need are fetched (see :meth:`_project_range`)."""
+        fields = tuple(fields)
+        need = streams_for(fields)
+        reads = plan_reads(rows)
+        if not reads:
+            return
+        with self._qlock:
+            self.qstats.blocks += len(rows)
+        reads = _split_reads(reads, max_bytes=8 << 20)
+        for c in self._pipeline(reads, lambda rr: self._project_range(rr, fields, need)):
+            self.qstats.records_decoded += len(c)
+            yield c
 
     def all_rows(self) -> np.ndarray:
         rows = [self.index(ix.ref_id) for ix in sorted(self.manifest.index,
@@ -691,6 +780,84 @@ class Dataset:
                     sub = b.take(np.flatnonzero(mask))
                     self.qstats.records_out += len(sub)
                     yield sub
+
+    def _region_groups(self, regions: list[Region], union: bool) -> Iterator[tuple[int, list[Region], np.ndarray]]:
+        """(ref_id, regions, index rows) to read: one group per region, or (``union``) per
+        reference with every block any of its regions needs, each once."""
+        if not union:
+            for r in regions:
+                yield r.ref_id, [r], self.region_rows(r)
+            return
+        by_ref: dict[int, list[Region]] = {}
+        for r in regions:
+            by_ref.setdefault(r.ref_id, []).append(r)
+        for ref_id in sorted(by_ref, key=lambda r: (r < 0, r)):
+            rows = self._candidate_rows(ref_id, by_ref[ref_id])
+            idx = np.unique(np.concatenate([select_blocks(rows, r) for r in by_ref[ref_id]]))
+            yield ref_id, by_ref[ref_id], rows[idx]
+
+    @staticmethod
+    def _overlaps(c: BlockColumns, regions: list[Region]) -> np.ndarray:
+        mask = np.zeros(len(c), dtype=bool)
+        for r in regions:
+            mask |= (c.refid == r.ref_id) & (c.pos < r.end) & (c.end > r.beg)
+        return mask
+
+    def query_columns(self, regions: Iterable[Region] | None, fields, *,
+                      union: bool = False) -> Iterator[tuple[BlockColumns, np.ndarray | None]]:
+        """Like :meth:`query` (``union``: :meth:`query_union`), but blocks decoded for
+        ``fields`` only (see :meth:`iter_columns`), each with the mask of its records that
+        samtools would return (None: all of them). Blocks without such records are skipped."""
+        regions = None if regions is None else list(regions)
+        fields = tuple(fields)
+        return self._coherent(lambda: self._query_columns(regions, fields, union))
+
+    def _query_columns(self, regions, fields, union):
+        if regions is None:
+            for c in self.iter_columns(self.all_rows(), fields):
+                self.qstats.records_out += len(c)
+                yield c, None
+            return
+        need = tuple(dict.fromkeys(fields + ("refid", "end")))  # the overlap rule's fields
+        for ref_id, regs, rows in self._region_groups(regions, union):
+            if ref_id < 0:
+                for c in self.iter_columns(rows, fields):
+                    self.qstats.records_out += len(c)
+                    yield c, None
+                continue
+            for c in self.iter_columns(rows, need):
+                mask = self._overlaps(c, regs)
+                if mask.any():
+                    self.qstats.blocks_with_hits += 1
+                    self.qstats.records_out += int(mask.sum())
+                    yield c, mask
+
+    def count(self, regions: Iterable[Region] | None, *, union: bool = False) -> int:
+        """What ``samtools view -c`` prints for these regions (``union``: with ``-M``; None:
+        every record). Blocks that lie inside a region are counted from the index alone;
+        only the blocks at a region's edges are read, and of them only the streams the
+        overlap rule needs (refid, pos, flag, CIGAR)."""
+        regions = None if regions is None else list(regions)
+        return next(iter(self._coherent(lambda: self._count(regions, union))))
+
+    def _count(self, regions, union) -> Iterator[int]:
+        if regions is None:
+            self.qstats.records_out = self.manifest.n_records
+            yield self.manifest.n_records
+            return
+        n = 0
+        for ref_id, regs, rows in self._region_groups(regions, union):
+            if ref_id < 0:
+                n += int(rows["n_records"].sum())
+                continue
+            inside = np.zeros(len(rows), dtype=bool)
+            for r in regs:  # every record of such a block starts in the region and ends after its start
+                inside |= (rows["ref_id"] == r.ref_id) & (rows["first_start"] >= r.beg) & (rows["last_start"] < r.end)
+            n += int(rows["n_records"][inside].sum())
+            for c in self.iter_columns(rows[~inside], ("refid", "end")):
+                n += int(self._overlaps(c, regs).sum())
+        self.qstats.records_out = n
+        yield n
 
     def query_union(self, regions: list[Region]) -> Iterator[RecordBatch]:
         """Records overlapping any region, each once, in file order (`samtools view -M`)."""
@@ -739,3 +906,9 @@ def _split_reads(reads: list[RangeRead], max_bytes: int) -> list[RangeRead]:
 def _sub(rr: RangeRead, idx: list[int]) -> RangeRead:
     rows = rr.rows[idx[0]:idx[-1] + 1]
     return RangeRead(rr.chunk, int(rows["offset"][0]), int(rows["offset"][-1]) + int(rows["length"][-1]), rows)
+
+
+# BlockColumns attribute that decodes each field (bams3core.codec.FIELD_STREAMS)
+_FIELD_ATTR = {"refid": "refid", "pos": "pos", "flag": "flag", "mapq": "mapq", "l_seq": "l_seq", "cigar": "cigar",
+               "end": "end", "bin": "bin", "mate": "tlen", "name": "names", "seq": "seq", "qual": "qual",
+               "tags": "tags"}

@@ -148,7 +148,10 @@ class BlockEncoder:
     """Encodes record batches into blocks. One per thread (zstd contexts are not shared)."""
 
     def __init__(self, level_offset: int = 0):
-        self._cctx = {name: zstandard.ZstdCompressor(level=max(1, STREAM_LEVELS.get(name, DEFAULT_LEVEL) + level_offset))
+        # plain streams carry zstd's content checksum (4 bytes a frame): a reader that fetches
+        # only some frames of a block checks each of them (docs/FORMAT.md §7)
+        self._cctx = {name: zstandard.ZstdCompressor(level=max(1, STREAM_LEVELS.get(name, DEFAULT_LEVEL) + level_offset),
+                                                     write_checksum=name in PLAIN_STREAMS)
                       for name in STREAM_NAMES}
 
     def encode(self, batch: RecordBatch, fx: np.ndarray | None = None) -> EncodedBlock:
@@ -273,103 +276,294 @@ def _decompress(frame: bytes) -> bytes:
         raise CodecError(f"corrupt stream ({e})") from None
 
 
-def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_start: int,
-                 wide: bool = False) -> RecordBatch:
-    """Rebuild the raw BAM records of a block (inverse of :meth:`BlockEncoder.encode`);
-    ``wide``: a v1.1 block, decoded to wide records."""
-    frames = split_streams(data, stream_sizes)
-    s = {name: _decompress(frames[name]) for name in STREAM_NAMES if name not in ("tags", "name", "qual")}
-    n = n_records
+# The fields a reader may ask a block for, and the streams each one needs (every field's
+# decoding pulls in only these frames: a projection reads and decodes just their union).
+_CIGAR = ("ncigar", "cigar")
+_ENDS = ("pos", "flag") + _CIGAR
+FIELD_STREAMS: dict[str, tuple[str, ...]] = {
+    "refid": ("refid",),
+    "pos": ("pos",),
+    "flag": ("flag",),
+    "mapq": ("mapq",),
+    "l_seq": ("lseq",),
+    "cigar": _CIGAR,          # n_cigar (per record) and the concatenated CIGAR words
+    "end": _ENDS,             # htslib's bam_endpos
+    "bin": _ENDS + ("bin",),
+    "mate": ("refid", "mate", "nref", "npos", "tlen") + _ENDS,  # next_refid, next_pos, tlen
+    "name": ("mate", "lname", "name"),
+    "seq": ("lseq", "seq"),
+    "qual": ("lseq", "qual"),
+    "tags": ("ltags", "tags"),
+}
+ALL_FIELDS = tuple(FIELD_STREAMS)
+# Streams whose frames are plain zstd frames (§6.2): the writer sets zstd's content checksum on
+# them, so a reader fetching only some of a block's frames can still check each one (§7).
+PLAIN_STREAMS = frozenset(STREAM_NAMES) - {"name", "qual", "tags"}
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
-    def arr(name, dtype, count=None):
+
+def streams_for(fields) -> list[int]:
+    """Stream numbers (ascending, i.e. in block order) that decoding ``fields`` needs."""
+    try:
+        names = {s for f in fields for s in FIELD_STREAMS[f]}
+    except KeyError as e:
+        raise ValueError(f"unknown block field {e.args[0]!r} (known: {', '.join(ALL_FIELDS)})") from None
+    return sorted(STREAM_INDEX[s] for s in names)
+
+
+def frame_self_checked(frame) -> bool:
+    """True if ``frame`` is a zstd frame carrying a content checksum (verified when decoded)."""
+    return len(frame) >= 5 and bytes(frame[:4]) == _ZSTD_MAGIC and bool(frame[4] & 0x04)
+
+
+class BlockColumns:
+    """The fields of one block, decoded lazily from whichever frames were given.
+
+    ``frames`` maps stream names to their compressed frames; a field whose streams are missing
+    raises KeyError. Every decoded stream's element count is checked (§6.2). Arrays are numpy
+    (positions int64, 0-based); :func:`decode_block` assembles all of them into BAM records."""
+
+    def __init__(self, frames: dict, n_records: int, ref_id: int, first_start: int, wide: bool = False):
+        self.frames = frames
+        self.n = n_records
+        self.ref_id = ref_id
+        self.first_start = first_start
+        self.wide = wide
+        self._s: dict[str, bytes] = {}
+        self._c: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _raw(self, name: str) -> bytes:
+        if name not in self._s:
+            self._s[name] = _decompress(self.frames[name])
+        return self._s[name]
+
+    def _arr(self, name, dtype, count=None):
         """The values of a fixed-width stream (one per record, or ``count`` of them)."""
-        count = n if count is None else count
-        a = _unshuffle(s[name], np.dtype(dtype).itemsize, dtype)
+        count = self.n if count is None else count
+        a = _unshuffle(self._raw(name), np.dtype(dtype).itemsize, dtype)
         if len(a) != count:
             raise CodecError(f"stream {name!r} holds {len(a)} values for {count} records")
         return a
 
+    def _diffs(self, name, count=None):  # a zigzagged difference stream (u64 for pos/npos/tlen when wide)
+        if self.wide and name in WIDE_STREAM_WIDTHS:
+            return _unzz64(self._arr(name, "<u8", count))
+        return _unzz(self._arr(name, "<u4", count)).astype(np.int64)
+
+    def _cached(self, key, make):
+        if key not in self._c:
+            self._c[key] = make()
+        return self._c[key]
+
+    # -- fixed fields ----------------------------------------------------------------------
+    @property
+    def refid(self) -> np.ndarray:
+        return self._cached("refid", lambda: _unzz(self._arr("refid", "<u4")).astype(np.int64) + self.ref_id)
+
+    @property
+    def pos(self) -> np.ndarray:
+        def make():
+            pos = np.cumsum(self._diffs("pos"))
+            pos += self.first_start - (pos[0] if self.n else 0)
+            return pos
+        return self._cached("pos", make)
+
+    @property
+    def flag(self) -> np.ndarray:
+        return self._cached("flag", lambda: self._arr("flag", "<u2"))
+
+    @property
+    def mapq(self) -> np.ndarray:
+        return self._cached("mapq", lambda: self._arr("mapq", "u1"))
+
+    @property
+    def l_seq(self) -> np.ndarray:
+        return self._cached("l_seq", lambda: self._arr("lseq", "<u4").astype(np.int64))
+
+    @property
+    def n_cigar(self) -> np.ndarray:
+        return self._cached("n_cigar", lambda: self._arr("ncigar", "<u2").astype(np.int64))
+
+    @property
+    def cigar(self) -> np.ndarray:
+        """Every record's CIGAR words (uint32 len<<4|op), concatenated; split by :attr:`n_cigar`."""
+        def make():
+            cigar = _unshuffle(self._raw("cigar"), 4, "<u4")
+            if len(cigar) != self.n_cigar.sum():
+                raise CodecError("stream lengths disagree with the record counts")
+            return cigar
+        return self._cached("cigar", make)
+
+    @property
+    def rlen(self) -> np.ndarray:
+        return self._cached("rlen", lambda: cigar_ref_lengths(self.cigar, self.n_cigar))
+
+    @property
+    def end(self) -> np.ndarray:
+        """htslib's ``bam_endpos`` (exclusive)."""
+        return self._cached("end", lambda: end_positions(self.pos, self.flag, self.rlen))
+
+    @property
+    def bin(self) -> np.ndarray:
+        return self._cached("bin", lambda: (reg2bin(self.pos, self.end) + self._arr("bin", "<u2")) & 0xFFFF)
+
+    # -- mate fields and names (§6.6) ----------------------------------------------------
+    @property
+    def _links(self):
+        def make():
+            link = self._arr("mate", "<u2").astype(np.int64)
+            un = link == 0
+            tgt = np.arange(self.n) - link
+            if (tgt < 0).any() or (link[tgt[~un]] != 0).any():
+                raise CodecError("bad mate links")
+            return un, tgt
+        return self._cached("links", make)
+
+    def _mates(self):
+        un, tgt = self._links
+        nun = int(un.sum())
+        n = self.n
+        refid, pos = self.refid, self.pos
+        nref = np.zeros(n, dtype=np.int64)
+        npos = np.zeros(n, dtype=np.int64)
+        tlen = np.zeros(n, dtype=np.int64)
+        nref[un] = _unzz(self._arr("nref", "<u4", nun)).astype(np.int64) + refid[un]
+        npos[un] = self._diffs("npos", nun) + pos[un]
+        pred = predict_tlen(refid, pos, nref, npos, self.flag.astype(np.int64), self.rlen)
+        tlen[un] = self._diffs("tlen", nun) + pred[un]
+        lk = ~un
+        nref[lk] = refid[tgt[lk]]
+        npos[lk] = pos[tgt[lk]]
+        tlen[lk] = -tlen[tgt[lk]]
+        return nref, npos, tlen
+
+    @property
+    def next_refid(self) -> np.ndarray:
+        return self._cached("mates", self._mates)[0]
+
+    @property
+    def next_pos(self) -> np.ndarray:
+        return self._cached("mates", self._mates)[1]
+
+    @property
+    def tlen(self) -> np.ndarray:
+        return self._cached("mates", self._mates)[2]
+
+    @property
+    def l_name(self) -> np.ndarray:
+        """l_read_name (the NUL included)."""
+        def make():
+            un, tgt = self._links
+            l_name = np.zeros(self.n, dtype=np.int64)
+            l_name[un] = self._arr("lname", "u1", int(un.sum()))
+            lk = ~un
+            l_name[lk] = l_name[tgt[lk]]
+            return l_name
+        return self._cached("l_name", make)
+
+    @property
+    def names(self) -> np.ndarray:
+        """Every record's NUL-terminated name, concatenated (split by :attr:`l_name`)."""
+        def make():
+            un, tgt = self._links
+            l_name = self.l_name
+            nun = int(un.sum())
+            try:
+                names_un, l_dec = decode_names(self.frames["name"], nun, _dctx())
+            except (ValueError, zstandard.ZstdError, struct.error, IndexError) as e:
+                raise CodecError(f"corrupt names stream ({e})") from None
+            if len(names_un) != l_name[un].sum() or (l_dec is not None and (l_dec != l_name[un]).any()):
+                raise CodecError("stream lengths disagree with the record counts")
+            name_starts = np.zeros(self.n, dtype=np.int64)
+            np.cumsum(l_name[:-1], out=name_starts[1:])
+            names = np.empty(int(l_name.sum()), dtype=np.uint8)
+            names[np.repeat(un, l_name)] = names_un
+            lk = ~un
+            if lk.any():
+                ii = np.flatnonzero(lk)
+                scatter(names, name_starts[ii], l_name[ii], gather(names, name_starts[tgt[ii]], l_name[ii]))
+            return names
+        return self._cached("names", make)
+
+    # -- variable fields -----------------------------------------------------------------
+    @property
+    def seq(self) -> np.ndarray:
+        """4-bit base codes, one byte each, ``2*((l_seq+1)//2)`` per record (§6.4)."""
+        def make():
+            seq = np.frombuffer(self._raw("seq"), dtype=np.uint8)
+            if len(seq) != 2 * ((self.l_seq + 1) // 2).sum():
+                raise CodecError("stream lengths disagree with the record counts")
+            return seq
+        return self._cached("seq", make)
+
+    @property
+    def qual(self) -> np.ndarray:
+        """Quality bytes, ``l_seq`` per record (0xFF for ``*``)."""
+        def make():
+            try:
+                qual = decode_quals(self.frames["qual"], self.l_seq)
+            except ValueError as e:
+                raise CodecError(f"corrupt quality stream ({e})") from None
+            if len(qual) != self.l_seq.sum():
+                raise CodecError("stream lengths disagree with the record counts")
+            return qual
+        return self._cached("qual", make)
+
+    @property
+    def l_tags(self) -> np.ndarray:
+        return self._cached("l_tags", lambda: self._arr("ltags", "<u4").astype(np.int64))
+
+    @property
+    def tags(self) -> np.ndarray:
+        """Tag areas exactly as BAM stores them, concatenated (split by :attr:`l_tags`)."""
+        def make():
+            try:
+                tags = decode_tags(self.frames["tags"], self.l_tags, _dctx())
+            except (TagError, zstandard.ZstdError, struct.error, IndexError) as e:
+                raise CodecError(f"corrupt tags stream ({e})") from None
+            if len(tags) != self.l_tags.sum():
+                raise CodecError("stream lengths disagree with the record counts")
+            return tags
+        return self._cached("tags", make)
+
+
+def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_start: int,
+                 wide: bool = False) -> RecordBatch:
+    """Rebuild the raw BAM records of a block (inverse of :meth:`BlockEncoder.encode`);
+    ``wide``: a v1.1 block, decoded to wide records."""
+    return assemble_records(BlockColumns(split_streams(data, stream_sizes), n_records, ref_id, first_start, wide))
+
+
+def assemble_records(c: BlockColumns) -> RecordBatch:
+    """The raw BAM records of a block whose frames are all present (§6.10 step 11)."""
+    n = c.n
+    wide = c.wide
     fixed_dtype, fixed_size = (WIDE_FIXED_DTYPE, WIDE_FIXED_SIZE) if wide else (FIXED_DTYPE, FIXED_SIZE)
-
-    def diffs(name, count=None):  # a zigzagged difference stream (u64 for pos/npos/tlen when wide)
-        if wide and name in WIDE_STREAM_WIDTHS:
-            return _unzz64(arr(name, "<u8", count))
-        return _unzz(arr(name, "<u4", count)).astype(np.int64)
-
     fx = np.zeros(n, dtype=fixed_dtype)
-    fx["refid"] = _unzz(arr("refid", "<u4")).astype(np.int64) + ref_id
-    pos = np.cumsum(diffs("pos"))
-    pos += first_start - (pos[0] if n else 0)
-    fx["pos"] = pos
-    fx["flag"] = arr("flag", "<u2")
-    fx["mapq"] = arr("mapq", "u1")
-    fx["l_seq"] = arr("lseq", "<u4").astype(np.int64)
-    fx["n_cigar_op"] = arr("ncigar", "<u2")
-    link = arr("mate", "<u2").astype(np.int64)
-    un = link == 0
-    nun = int(un.sum())
-    idx = np.arange(n)
-    tgt = idx - link
-    if (tgt < 0).any() or (link[tgt[~un]] != 0).any():
-        raise CodecError("bad mate links")
-
-    def sub(name, dtype):  # streams holding values only for the records without a mate link
-        return arr(name, dtype, nun)
-
-    n_cig = fx["n_cigar_op"].astype(np.int64)
-    cigar = _unshuffle(s["cigar"], 4, "<u4")
-    if len(cigar) != n_cig.sum():
-        raise CodecError("stream lengths disagree with the record counts")
-    rlen = cigar_ref_lengths(cigar, n_cig)
-    refid = fx["refid"].astype(np.int64)
-    nref = np.zeros(n, dtype=np.int64)
-    npos = np.zeros(n, dtype=np.int64)
-    tlen = np.zeros(n, dtype=np.int64)
-    nref[un] = _unzz(sub("nref", "<u4")).astype(np.int64) + refid[un]
-    npos[un] = diffs("npos", nun) + pos[un]
-    pred = predict_tlen(refid, pos, nref, npos, fx["flag"].astype(np.int64), rlen)
-    tlen[un] = diffs("tlen", nun) + pred[un]
-    lk = ~un
-    nref[lk] = refid[tgt[lk]]
-    npos[lk] = pos[tgt[lk]]
-    tlen[lk] = -tlen[tgt[lk]]
-    fx["next_refid"] = nref
-    fx["next_pos"] = npos
-    fx["tlen"] = tlen
-    l_name = np.zeros(n, dtype=np.int64)
-    l_name[un] = sub("lname", "u1")
-    l_name[lk] = l_name[tgt[lk]]
+    fx["refid"] = c.refid
+    fx["pos"] = c.pos
+    fx["flag"] = c.flag
+    fx["mapq"] = c.mapq
+    fx["l_seq"] = c.l_seq
+    fx["n_cigar_op"] = c.n_cigar
+    fx["next_refid"] = c.next_refid
+    fx["next_pos"] = c.next_pos
+    fx["tlen"] = c.tlen
+    l_name = c.l_name
     fx["l_read_name"] = l_name
-    try:
-        names_un, l_dec = decode_names(frames["name"], nun, _dctx())
-    except (ValueError, zstandard.ZstdError, struct.error, IndexError) as e:
-        raise CodecError(f"corrupt names stream ({e})") from None
-    if len(names_un) != l_name[un].sum() or (l_dec is not None and (l_dec != l_name[un]).any()):
-        raise CodecError("stream lengths disagree with the record counts")
-    name_starts = np.zeros(n, dtype=np.int64)
-    np.cumsum(l_name[:-1], out=name_starts[1:])
-    names = np.empty(int(l_name.sum()), dtype=np.uint8)
-    names[np.repeat(un, l_name)] = names_un
-    if lk.any():
-        ii = np.flatnonzero(lk)
-        scatter(names, name_starts[ii], l_name[ii], gather(names, name_starts[tgt[ii]], l_name[ii]))
-    l_seq = fx["l_seq"].astype(np.int64)
+    names = c.names
+    cigar = c.cigar
+    n_cig = c.n_cigar
+    l_seq = c.l_seq
     l_packed = (l_seq + 1) // 2
-    l_tags = arr("ltags", "<u4").astype(np.int64)
-
-    seq = np.frombuffer(s["seq"], dtype=np.uint8)
-    try:
-        qual = decode_quals(frames["qual"], l_seq)
-    except ValueError as e:
-        raise CodecError(f"corrupt quality stream ({e})") from None
-    try:
-        tags = decode_tags(frames["tags"], l_tags, _dctx())
-    except (TagError, zstandard.ZstdError, struct.error, IndexError) as e:
-        raise CodecError(f"corrupt tags stream ({e})") from None
-    if len(seq) != 2 * l_packed.sum() or len(qual) != l_seq.sum() or len(tags) != l_tags.sum():
-        raise CodecError("stream lengths disagree with the record counts")
-    ends = end_positions(pos, fx["flag"], rlen)
-    fx["bin"] = (reg2bin(pos, ends) + arr("bin", "<u2")) & 0xFFFF
+    l_tags = c.l_tags
+    seq = c.seq
+    qual = c.qual
+    tags = c.tags
+    fx["bin"] = c.bin
 
     body = fixed_size + l_name + 4 * n_cig + l_packed + l_seq + l_tags
     sizes = 4 + body
@@ -392,11 +586,3 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
     return RecordBatch(out.tobytes(), offs, wide)
 
 
-def decode_columns(data_by_stream: dict[str, bytes], n_records: int, names) -> dict[str, np.ndarray]:
-    """Decode only the named streams (e.g. ``pos``, ``ncigar``, ``cigar`` for depth)."""
-    out = {}
-    width = dict(STREAMS)
-    dtypes = {1: "u1", 2: "<u2", 4: "<u4"}
-    for name in names:
-        out[name] = _unshuffle(_decompress(data_by_stream[name]), width[name], dtypes[width[name]])
-    return out
