@@ -703,6 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_options(p, write=True)
     p.set_defaults(func=cmd_migrate)
 
+    from .depth import add_depth_parser
+
+    add_depth_parser(sub, _add_store_options, _add_snapshot_option, EPILOG_PATHS)
+
     p = sub.add_parser("demo", help="run the whole pipeline on a local S3 endpoint with a generated sample",
                        description="Start a local S3 endpoint (moto, 127.0.0.1), generate a sample BAM, convert it "
                                    "with the Prefect flow convert-to-s3 (ephemeral API), query a region and print "
