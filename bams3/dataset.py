@@ -615,7 +615,8 @@ class Dataset:
                                f"at byte {int(row['offset'])} (corrupt chunk)")
         return blk
 
-    def _columns(self, chunk_no: int, row, frames: dict) -> BlockColumns:
+    @staticmethod
+    def _columns(row, frames: dict) -> BlockColumns:
         return BlockColumns(frames, int(row["n_records"]), int(row["ref_id"]), int(row["first_start"]),
                             wide=block_is_wide(row))
 
@@ -626,7 +627,7 @@ class Dataset:
             blk = self._checked_block(rr.chunk, row, data[a:a + int(row["length"])])
             try:
                 frames = split_streams(blk, row["stream_sizes"].tolist())
-                batch = assemble_records(self._columns(rr.chunk, row, frames))
+                batch = assemble_records(self._columns(row, frames))
             except CodecError as e:
                 raise DatasetError(f"{self.store.uri}/{self.manifest.chunks[rr.chunk].key}: {e}") from None
             out.append(batch)
@@ -670,7 +671,7 @@ class Dataset:
             if not unchecked:
                 self._frames_checked = True
                 for row, frames in zip(rr.rows, blocks):
-                    out.append(self._columns(rr.chunk, row, frames))
+                    out.append(self._columns(row, frames))
             else:
                 self._frames_checked = False  # written without frame checksums: read whole blocks
                 out = []
@@ -683,11 +684,10 @@ class Dataset:
                     frames = split_streams(blk, row["stream_sizes"].tolist())
                 except CodecError as e:
                     raise DatasetError(f"{self.store.uri}/{self.manifest.chunks[rr.chunk].key}: {e}") from None
-                out.append(self._columns(rr.chunk, row, {STREAM_NAMES[k]: frames[STREAM_NAMES[k]] for k in need}))
+                out.append(self._columns(row, {STREAM_NAMES[k]: frames[STREAM_NAMES[k]] for k in need}))
         try:
             for c in out:
-                for f in fields:  # decode here, on the worker thread
-                    getattr(c, _FIELD_ATTR[f])
+                c.decode(fields)  # here, on the worker thread
         except CodecError as e:
             raise DatasetError(f"{self.store.uri}/{self.manifest.chunks[rr.chunk].key}: {e}") from None
         return out
@@ -907,8 +907,3 @@ def _sub(rr: RangeRead, idx: list[int]) -> RangeRead:
     rows = rr.rows[idx[0]:idx[-1] + 1]
     return RangeRead(rr.chunk, int(rows["offset"][0]), int(rows["offset"][-1]) + int(rows["length"][-1]), rows)
 
-
-# BlockColumns attribute that decodes each field (bams3core.codec.FIELD_STREAMS)
-_FIELD_ATTR = {"refid": "refid", "pos": "pos", "flag": "flag", "mapq": "mapq", "l_seq": "l_seq", "cigar": "cigar",
-               "end": "end", "bin": "bin", "mate": "tlen", "name": "names", "seq": "seq", "qual": "qual",
-               "tags": "tags"}

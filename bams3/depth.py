@@ -225,8 +225,6 @@ def run_depth(ds, region, emit, *, all_pos: int = 0, exclude: int = DEFAULT_EXCL
               min_bq: int = 0, deletions: bool = False, plot: _Plot | None = None) -> None:
     """Emit `samtools depth` text for dataset ``ds`` (a bams3.dataset.Dataset) over
     ``region`` (a Region, or None for every reference), in pieces through ``emit``."""
-    import numpy as np
-
     from bams3core.regions import MAX_END, Region
 
     refs = ds.manifest.references

@@ -296,6 +296,10 @@ FIELD_STREAMS: dict[str, tuple[str, ...]] = {
     "tags": ("ltags", "tags"),
 }
 ALL_FIELDS = tuple(FIELD_STREAMS)
+# the BlockColumns attribute that decodes each field
+_FIELD_ATTR = {"refid": "refid", "pos": "pos", "flag": "flag", "mapq": "mapq", "l_seq": "l_seq", "cigar": "cigar",
+               "end": "end", "bin": "bin", "mate": "tlen", "name": "names", "seq": "seq", "qual": "qual",
+               "tags": "tags"}
 # Streams whose frames are plain zstd frames (§6.2): the writer sets zstd's content checksum on
 # them, so a reader fetching only some of a block's frames can still check each one (§7).
 PLAIN_STREAMS = frozenset(STREAM_NAMES) - {"name", "qual", "tags"}
@@ -334,6 +338,12 @@ class BlockColumns:
 
     def __len__(self) -> int:
         return self.n
+
+    def decode(self, fields) -> "BlockColumns":
+        """Decode ``fields`` now (e.g. on a worker thread) rather than on first access."""
+        for f in fields:
+            getattr(self, _FIELD_ATTR[f])
+        return self
 
     def _raw(self, name: str) -> bytes:
         if name not in self._s:

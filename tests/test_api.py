@@ -13,7 +13,6 @@ and samtools (issue #15 items 1-2, issue #14's `query -c` row).
 from __future__ import annotations
 
 import io
-import os
 import random
 import shutil
 import subprocess
