@@ -565,6 +565,57 @@ def queries(ctx: Ctx) -> None:
     ctx.details += detail + ["", _LOOPBACK_NOTE, ""]
 
 
+def projection(ctx: Ctx) -> None:
+    """Column projection over S3: `bams3 depth` (positions, flags, MAPQ, CIGARs) and
+    `bams3 query -c` against `bams3 query`'s whole-block read of the same region, warm cache
+    (so only chunk bytes are counted); depth's text checked against `samtools depth`."""
+    ds, s3 = ctx.ds, ctx.s3
+    uri = s3.s3_uri(DS_PREFIX)
+    detail = ["### Column projection over S3 (warm metadata cache; chunk reads only)", "",
+              "| region | command | requests | bytes |", "|---|---|---|---|"]
+    for label, region in regions(ds)[1:]:
+        sec = f"query {label} ({region}) from S3: projection"
+        truth = run(["samtools", "depth", "-r", region, ds.sorted_bam], hash_stdout=True, timeout=ctx.timeout)
+        cache = ctx.work / f"pcache-{label.replace(' ', '')}"
+
+        def go():
+            if not ctx.s3_dataset_ready:
+                raise CommandError(["bams3", "depth"], "skipped", "no dataset on S3 (convert → S3 failed)")
+            shutil.rmtree(cache, ignore_errors=True)
+            env = s3.bams3_env(cache)
+            run(ctx.bams3("query", "-c", uri, region), env=env, capture=True, timeout=ctx.timeout)  # warm the cache
+            out = {}
+            for name, args, kw in (("full", ("query", uri, region), dict(hash_stdout=True)),
+                                   ("depth", ("depth", "-r", region, uri), dict(hash_stdout=True)),
+                                   ("count", ("query", "-c", uri, region), dict(capture=True))):
+                s3.reset()
+                r = run(ctx.bams3(*args), env=env, timeout=ctx.timeout, **kw)
+                out[name] = (r, s3.stats())
+            return out
+
+        if ctx.bams3.ok:
+            ctx.cmdlog("bams3 depth", ctx.bams3("depth", "-r", region, uri))
+        res, miss = ctx.attempt(f"projection {label}", go)
+        v = lambda k, f: res[k][1][f] if res else None  # noqa: E731
+        full = res["full"][1]["bytes_out"] if res else None
+        ctx.row(sec, "depth: bytes vs full read", "bytes", v("depth", "bytes_out"),
+                "bams3 query (whole blocks)", full, goal=Goal("<=", 0.35), missing=miss,
+                note="reads pos/flag/mapq/CIGAR streams only")
+        ctx.row(sec, "depth: requests", "requests", v("depth", "requests"), "bams3 query",
+                res["full"][1]["requests"] if res else None, missing=miss)
+        ctx.row(sec, "query -c: bytes vs full read", "bytes", v("count", "bytes_out"),
+                "bams3 query (whole blocks)", full, missing=miss,
+                note="inner blocks counted from the index; edge blocks' position streams only")
+        same = None if not res else float(res["depth"][0].out_sha256 == truth.out_sha256)
+        ctx.row(sec, "depth output identical to samtools depth", "bool", same, chart=False,
+                goal=Goal(">=", 1, on="value", label="identical"), missing=miss)
+        if res:
+            for name in ("full", "depth", "count"):
+                st = res[name][1]
+                detail.append(f"| {label} `{region}` | {name} | {st['requests']} | {st['bytes_out']:,} |")
+    ctx.details += detail + [""]
+
+
 _LOOPBACK_NOTE = (
     "htslib reads a BAM over S3 with open-ended GETs (`Range: bytes=N-`, or no range at all "
     "for the header) and drops the connection once it has what it needs. Over loopback the "
