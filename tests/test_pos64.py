@@ -60,6 +60,13 @@ MAIN_INDEX = ["5da8a03f2e07de7a91844da5a420d252abb7a62ff0093f6f0395d53c710175a7"
               "918d51a5b4c5397832ccd09207347563dd61fd2a95a9c8424ced377c4cd94020",
               "11b15622f245bd96e91c79d384fd9c9413fa92cecf8ecd79e0565bd84e45bff5"]
 MAIN_HEADER = "8915c99db81e43962bf2bd9c7e0892dcb849ff730025e6adadfa36ef1a59a632"
+# Since frame checksums (FORMAT.md §6.2, §7.1) the plain streams' zstd frames carry a content
+# checksum: the chunk bytes and the index entries' stream sizes and CRCs change, nothing else
+# (without the checksums the writer still produces main's bytes above, checked below).
+CHUNKS = ["d5600cb1ad16d782a17643cfa2d498bcdd2de3cb24dae5678c1c8c3566cbd9f7"]
+INDEX = ["ba6880827bfa06a6270f4d7475b16309046441ef29b5545eb8481dddbebcd2a8",
+         "bd6066d286931f213798fadf1fa505b9f9f0e91719f93be43300cc0f5269353c",
+         "67d90196bed5016efe9b97d373450e30bc041cfcd8be7e4117b9541b090e57bb"]
 
 REGIONS = ["big", "big:2147483600-2147483700", "big:2147483648", "big:2500000000-2600000000",
            "big:2999999001-2999999001", "big:1-1000", "small", "big:2147483000-", "{big}:2999000000-3000000000"]
@@ -161,12 +168,27 @@ def test_v1_reader_rejects_v11(work):
         decode_index(page, wide_ok=False)
 
 
-def test_ordinary_data_stays_v1_and_byte_identical(tmp_path):
+def test_ordinary_data_stays_v1_and_byte_identical(tmp_path, monkeypatch):
     src = tmp_path / "ord.sam"
     src.write_text(ordinary_sam())
     run_cli("convert", "-q", src, tmp_path / "ds")
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert m["version"] == 1
+    assert [c["sha256"] for c in m["chunks"]] == CHUNKS
+    assert [i["sha256"] for i in m["index"]] == INDEX
+    assert m["header"]["sha256"] == MAIN_HEADER
+    # without frame checksums, exactly main's bytes
+    import threading
+
+    import bams3.dataset as dsmod
+    import bams3core.codec as codec
+    from bams3.convert import convert
+    from bams3.store import LocalStore
+
+    monkeypatch.setattr(codec, "PLAIN_STREAMS", frozenset())
+    monkeypatch.setattr(dsmod, "_local", threading.local())  # fresh per-thread encoders
+    convert(str(src), LocalStore(str(tmp_path / "ds0")))
+    m = json.loads((tmp_path / "ds0" / "manifest.json").read_text())
     assert [c["sha256"] for c in m["chunks"]] == MAIN_CHUNKS
     assert [i["sha256"] for i in m["index"]] == MAIN_INDEX
     assert m["header"]["sha256"] == MAIN_HEADER
