@@ -578,8 +578,7 @@ class Dataset:
 
     # -- data ----------------------------------------------------------------------------
     def _fetch(self, rr: RangeRead) -> bytes:
-        data = self._get_ranges(rr.chunk, [(rr.start, rr.end)])[0]
-        return data
+        return self._get_ranges(rr.chunk, [(rr.start, rr.end)])[0]
 
     def _get_ranges(self, chunk_no: int, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Byte ranges of one chunk object (parallel ranged GETs on S3, each with If-Match)."""
