@@ -264,4 +264,5 @@ def test_reader_and_overwriter_interleaved_see_whole_snapshots(two_bams, s3_env,
         region = _query_on(uri, cache_a, ["chr1:1-100000"])
         assert region and any(region in w for w in want)
     assert set(seen) == {"a", "b"}, seen  # the reader did move on to newer commits
-    assert time.time() - t0 < 60
+    # no hang: 20 rounds take ~10 s alone, ~80 s on a 2-core machine shared with other work
+    assert time.time() - t0 < 300
