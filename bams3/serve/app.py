@@ -29,7 +29,8 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import (FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response,
+                                 StreamingResponse)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -216,6 +217,7 @@ def create_app(catalog: Catalog, *, fasta: str | None = None, max_locus: int = p
         Route("/sizes/{id:path}", sizes, name="sizes"),
         Route("/view/{id:path}", view, name="view"),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
     ]
     if fasta:
         files = {os.path.basename(fasta): fasta, os.path.basename(fasta) + ".fai": fasta + ".fai"}

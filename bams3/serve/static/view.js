@@ -56,8 +56,10 @@
     locus: cfg.locus,
     tracks: [track],
     showChromosomeWidget: true,
+    loadDefaultGenomes: false,                             // offline: no genome list from igv.org
   }).then(function (browser) {
     state.browser = browser;
+    state.loads += 1;                                      // createBrowser resolves once the locus has loaded
     const present = browser.alert.present.bind(browser.alert);
     browser.alert.present = function (alert, callback) {
       report(alert && alert.message ? alert.message : String(alert));
