@@ -192,6 +192,7 @@ def main(argv=None) -> int:
             measure.convert_s3(ctx)  # also leaves the dataset on S3 for query and stats
             if "query" in a.only:
                 measure.queries(ctx)
+                measure.htsget_slice(ctx)
             if "stats" in a.only:
                 measure.stats(ctx)
             if "sweep" in a.only:

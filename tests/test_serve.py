@@ -29,7 +29,7 @@ def served(tmp_path_factory):
     from bams3.sample import make_sample
 
     d = tmp_path_factory.mktemp("serve")
-    paths = make_sample(d / "src", n_pairs=15000, seed=3)
+    paths = make_sample(d / "src", n_pairs=8000, seed=3)
     root = d / "root"
     ds = root / DS
     run_cli("convert", "-q", "--block-size", "16K", "--chunk-size", "128K", paths["bam"], ds)

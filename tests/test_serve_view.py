@@ -51,7 +51,7 @@ def site(tmp_path_factory):
     from bams3.sample import make_sample
 
     d = tmp_path_factory.mktemp("view")
-    paths = make_sample(d / "src", n_pairs=15000, seed=11)
+    paths = make_sample(d / "src", n_pairs=12000, seed=11)
     run_cli("convert", "-q", "--block-size", "64K", paths["bam"], d / "root" / DS)
     server = Server(d / "root", log_path=d / "serve.log")
     try:

@@ -83,6 +83,18 @@ def htsget_endpoint(fn):
     return wrapper
 
 
+def page_endpoint(fn):
+    """An HTML page: anything unexpected is an error page and one line in the log."""
+    @functools.wraps(fn)
+    async def wrapper(request: Request):
+        try:
+            return await fn(request)
+        except Exception as e:  # noqa: BLE001 - a page never shows a traceback
+            log.error("%s %s: %s: %s", request.method, request.url.path, type(e).__name__, _one_line(e))
+            return HTMLResponse(page.error_page("bams3 serve: error", _one_line(e)), status_code=500)
+    return wrapper
+
+
 class BgzfStream(StreamingResponse):
     """Streams BGZF blocks from a generator run on the thread pool. A failure after the
     status line was sent cannot become an error status any more: the response is then cut
@@ -195,6 +207,7 @@ def create_app(catalog: Catalog, *, fasta: str | None = None, max_locus: int = p
         text = "".join(f"{r['name']}\t{r['length']}\n" for r in ds.manifest.references)
         return PlainTextResponse(text)
 
+    @page_endpoint
     async def index(request: Request):
         try:
             entries = await run_in_threadpool(catalog.listing)
@@ -202,6 +215,7 @@ def create_app(catalog: Catalog, *, fasta: str | None = None, max_locus: int = p
             return HTMLResponse(page.error_page("Cannot list the datasets", _one_line(e)), status_code=502)
         return HTMLResponse(page.index_page(catalog.root, entries))
 
+    @page_endpoint
     async def view(request: Request):
         ds_id = request.path_params["id"]
         html, status = await run_in_threadpool(page.view_page, catalog, ds_id, request.query_params.get("locus"),
