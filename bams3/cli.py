@@ -503,7 +503,8 @@ def cmd_serve(args, argv) -> int:
 
     opts = dict(region=args.s3_region, concurrency=args.s3_concurrency, use_cache=not args.no_cache,
                 cache_dir=args.cache_dir)
-    serve(args.root, host=args.host, port=args.port, fasta=args.fasta, max_locus=args.max_locus, store_options=opts)
+    serve(args.root, host=args.host, port=args.port, fasta=args.fasta, max_locus=args.max_locus, store_options=opts,
+          refresh=args.refresh)
     return 0
 
 

@@ -257,3 +257,18 @@ def test_s3_root(s3_env, served, tmp_path):
         assert DS in httpx.get(server.url + "/").text
     finally:
         server.stop()
+
+
+def test_cli_errors_are_one_line(served, tmp_path):
+    port = served["url"].rsplit(":", 1)[1]
+    for args, want in ((["--port", port], f"bams3: cannot listen on 127.0.0.1:{port}: Address already in use"),
+                       ([], None)):
+        root = served["root"] if args else tmp_path / "missing"
+        r = run_cli("serve", root, *args, check=False)
+        assert r.returncode == 1
+        err = r.stderr.decode()
+        assert err.count("\n") == 1 and "Traceback" not in err
+        if want:
+            assert err.strip() == want
+        else:
+            assert err.strip() == f"bams3: {root}: no such directory (DATASET_ROOT is a directory or s3://bucket/prefix)"

@@ -41,12 +41,13 @@ class Catalog:
     manifest through the store's cache, so a new commit is seen without a restart."""
 
     def __init__(self, root: str, *, store_options: dict | None = None, max_stores: int = 64,
-                 listing_ttl: float = 30.0):
+                 listing_ttl: float = 30.0, refresh: bool = False):
         self.scheme, self.bucket, prefix = parse_uri(root)
         self.root = root.rstrip("/") if self.scheme == "s3" else os.path.abspath(root)
         self.store_options = dict(store_options or {})
         self.max_stores = max_stores
         self.listing_ttl = listing_ttl
+        self.refresh = refresh  # revalidate cached manifests (and index, header) on every request
         self._stores: OrderedDict[str, Store] = OrderedDict()
         self._lock = threading.Lock()
         self._listing: tuple[float, list[Entry]] | None = None
@@ -98,7 +99,7 @@ class Catalog:
         if self.scheme == "file" and not os.path.isfile(os.path.join(uri, MANIFEST_KEY)):
             raise UnknownDataset(f"no dataset {ds_id!r} under the server's root")
         try:
-            ds = Dataset.open(self._store_at(uri))
+            ds = Dataset.open(self._store_at(uri), refresh=self.refresh)
         except NotFound:
             raise UnknownDataset(f"no dataset {ds_id!r} under the server's root") from None
         except DatasetError as e:
@@ -108,7 +109,7 @@ class Catalog:
         if run is None or ds.manifest.run_id == run:
             return ds
         try:  # committed again since the ticket was issued: its snapshot, if kept (FORMAT.md §2.6)
-            return Dataset.open(self._store_at(uri), snapshot=run)
+            return Dataset.open(self._store_at(uri), snapshot=run, refresh=self.refresh)
         except (DatasetError, NotFound):
             raise UnknownDataset(f"dataset {ds_id!r} was replaced after the ticket was issued (commit {run} is "
                                  "no longer kept); request a new ticket") from None
