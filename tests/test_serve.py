@@ -272,3 +272,41 @@ def test_cli_errors_are_one_line(served, tmp_path):
             assert err.strip() == want
         else:
             assert err.strip() == f"bams3: {root}: no such directory (DATASET_ROOT is a directory or s3://bucket/prefix)"
+
+
+def _download(ticket: dict, path) -> None:
+    import base64
+
+    with open(path, "wb") as f:
+        for u in ticket["htsget"]["urls"]:
+            if u["url"].startswith("data:"):
+                f.write(base64.b64decode(u["url"].split(",", 1)[1]))
+            else:
+                r = httpx.get(u["url"], headers=u.get("headers", {}))
+                assert r.status_code == 200
+                f.write(r.content)
+
+
+def test_post_regions(served, tmp_path):
+    """POST: several regions, answered in file order with each record once (samtools view -M)."""
+    body = {"format": "BAM", "fields": ["QNAME", "POS"], "regions": [
+        {"referenceName": "chr2", "start": 2000, "end": 3000},
+        {"referenceName": "chr1", "start": 999, "end": 2000},
+        {"referenceName": "chr1", "start": 1500, "end": 2500},
+        {"referenceName": "*"}]}
+    r = httpx.post(_reads(served), json=body)
+    assert r.status_code == 200, r.text
+    _download(r.json(), tmp_path / "post.bam")
+    want = samtools_view("-M", served["bam"], "chr2:2001-3000", "chr1:1000-2000", "chr1:1501-2500", "*")
+    assert samtools_view(tmp_path / "post.bam") == want and want
+    for bad, err in (({"regions": []}, "InvalidInput"), ({"regions": [{"start": 1}]}, "InvalidInput"),
+                     ({"regions": [{"referenceName": "chr1", "start": 5, "end": 5}]}, "InvalidRange"),
+                     ({"regions": [{"referenceName": "chrZ"}]}, "NotFound"),
+                     ({"class": "header", "regions": [{"referenceName": "chr1"}]}, "InvalidInput"),
+                     ({"format": "CRAM"}, "UnsupportedFormat"), ([1, 2], "InvalidInput")):
+        r = httpx.post(_reads(served), json=bad)
+        assert r.status_code in (400, 404) and r.json()["htsget"]["error"] == err, (bad, r.text)
+    r = httpx.post(_reads(served), content=b"x" * (2 << 20))
+    assert r.status_code == 413 and r.json()["htsget"]["error"] == "PayloadTooLarge"
+    r = httpx.post(_reads(served, referenceName="chr1"), json={})
+    assert r.status_code == 400 and r.json()["htsget"]["error"] == "InvalidInput"

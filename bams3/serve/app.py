@@ -3,6 +3,7 @@
 Routes:
     GET /reads/service-info      GA4GH service-info (htsget 1.3)
     GET /reads/{id}              an htsget ticket (JSON)
+    POST /reads/{id}             the same for a JSON body, with several regions
     GET /data/{id}?run&part&r    the ticket's data: BGZF-compressed BAM header or records
     GET /                        the datasets under the root (HTML)
     GET /view/{id}?locus=...     igv.js on the dataset, through /reads (HTML)
@@ -40,7 +41,8 @@ from .. import __version__
 from ..errors import Bams3Error, InputError, NotFound
 from . import page
 from .catalog import Catalog, UnknownDataset
-from .htsget import CONTENT_TYPE, HtsgetError, decode_parts, parse_reads_query, service_info, ticket
+from .htsget import (CONTENT_TYPE, MAX_POST_BYTES, HtsgetError, decode_parts, parse_reads_body, parse_reads_query,
+                     service_info, ticket)
 
 log = logging.getLogger("bams3.serve")
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
@@ -178,6 +180,26 @@ def create_app(catalog: Catalog, *, fasta: str | None = None, max_locus: int = p
         body = await run_in_threadpool(_ticket, request, ds_id)
         return JSONResponse(body, media_type=CONTENT_TYPE)
 
+    def _post_ticket(request: Request, ds_id: str, payload: bytes) -> dict:
+        if request.query_params:
+            raise HtsgetError("InvalidInput", "a POST request takes its parameters in the JSON body, not the URL")
+        ds = catalog.open(ds_id)
+        if ds.wide:
+            raise HtsgetError("UnsupportedFormat", "this dataset has positions beyond 2^31-1 (format v1.1), which BAM "
+                                                   "cannot hold")
+        sl = parse_reads_body(payload, ds.manifest, ds.header_text)
+        return ticket(sl, ds.manifest, data_url(request, ds_id))
+
+    @htsget_endpoint
+    async def reads_post(request: Request):
+        payload = b""
+        async for piece in request.stream():  # bounded: a body over the limit is refused unread
+            payload += piece
+            if len(payload) > MAX_POST_BYTES:
+                raise HtsgetError("PayloadTooLarge", f"the request body is over {MAX_POST_BYTES:,} bytes")
+        body = await run_in_threadpool(_post_ticket, request, request.path_params["id"], payload)
+        return JSONResponse(body, media_type=CONTENT_TYPE)
+
     def _open_data(request: Request, ds_id: str):
         q = request.query_params
         run, part = q.get("run"), q.get("part")
@@ -226,7 +248,8 @@ def create_app(catalog: Catalog, *, fasta: str | None = None, max_locus: int = p
     routes = [
         Route("/", index, name="index"),
         Route("/reads/service-info", reads_service_info),
-        Route("/reads/{id:path}", reads, name="reads"),
+        Route("/reads/{id:path}", reads, name="reads", methods=["GET"]),
+        Route("/reads/{id:path}", reads_post, methods=["POST"]),
         Route("/data/{id:path}", data, name="data"),
         Route("/sizes/{id:path}", sizes, name="sizes"),
         Route("/view/{id:path}", view, name="view"),
@@ -244,7 +267,7 @@ def create_app(catalog: Catalog, *, fasta: str | None = None, max_locus: int = p
 
         routes.append(Route("/fasta/{name}", fasta_file))
 
-    middleware = [Middleware(CORSMiddleware, allow_origin_regex=".*", allow_methods=["GET"], allow_headers=["*"],
+    middleware = [Middleware(CORSMiddleware, allow_origin_regex=".*", allow_methods=["GET", "POST"], allow_headers=["*"],
                              expose_headers=["Content-Length", "Content-Type", "Content-Range", "Accept-Ranges"],
                              max_age=30 * DAY)]
     app = Starlette(routes=routes, middleware=middleware)

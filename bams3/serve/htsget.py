@@ -15,6 +15,7 @@ concatenation is a complete BAM file. Coordinates are htsget's: ``start`` 0-base
 from __future__ import annotations
 
 import base64
+import json
 import re
 from dataclasses import dataclass
 from urllib.parse import urlencode
@@ -143,6 +144,65 @@ def parse_reads_query(params, manifest: Manifest, header_text=lambda: "") -> Sli
     return Slice(regions=(Region(ref_id, beg, stop, name),))
 
 
+MAX_POST_BYTES = 1 << 20
+
+
+def parse_reads_body(body: bytes, manifest: Manifest, header_text=lambda: "") -> Slice:
+    """The slice a ``POST /reads/{id}`` asks for (JSON body: format, class, fields, tags,
+    notags, regions), checked as the spec says."""
+    if len(body) > MAX_POST_BYTES:
+        raise HtsgetError("PayloadTooLarge", f"the request body is over {MAX_POST_BYTES:,} bytes")
+    try:
+        obj = json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HtsgetError("InvalidInput", f"the request body is not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise HtsgetError("InvalidInput", "the request body must be a JSON object")
+    unknown = set(obj) - {"format", "class", "fields", "tags", "notags", "regions", "encryptionScheme"}
+    if unknown:
+        raise HtsgetError("InvalidInput", f"unknown member(s) {', '.join(sorted(unknown))} in the request body")
+    params: dict[str, str] = {}
+    for key in ("format", "class", "encryptionScheme"):
+        if key in obj:
+            if not isinstance(obj[key], str):
+                raise HtsgetError("InvalidInput", f"{key} must be a string")
+            params[key] = obj[key]
+    for key in ("fields", "tags", "notags"):
+        if key in obj:
+            v = obj[key]
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise HtsgetError("InvalidInput", f"{key} must be an array of strings")
+            params[key] = ",".join(v)
+    if "fields" in params and not params["fields"]:
+        params.pop("fields")
+    if params.get("class") == "header" and "regions" in obj:
+        raise HtsgetError("InvalidInput", "class=header takes no other parameter than format (got regions)")
+    sl = parse_reads_query(params, manifest, header_text)
+    if sl.header_only or "regions" not in obj:
+        return sl
+    regions = obj["regions"]
+    if not isinstance(regions, list) or not regions:
+        raise HtsgetError("InvalidInput", "regions must be a non-empty array")
+    out = []
+    for i, reg in enumerate(regions):
+        if not isinstance(reg, dict) or "referenceName" not in reg or set(reg) - {"referenceName", "start", "end"}:
+            raise HtsgetError("InvalidInput", f"regions[{i}] must be an object with referenceName and optional "
+                                              "start and end")
+        one = {"referenceName": reg["referenceName"]}
+        for key in ("start", "end"):
+            if key in reg:
+                v = reg[key]
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise HtsgetError("InvalidInput", f"regions[{i}].{key} must be an unsigned integer")
+                one[key] = str(v)
+        if not isinstance(one["referenceName"], str):
+            raise HtsgetError("InvalidInput", f"regions[{i}].referenceName must be a string")
+        if "start" in reg and "end" in reg and reg["start"] >= reg["end"]:
+            raise HtsgetError("InvalidRange", f"regions[{i}]: start {reg['start']} is not less than end {reg['end']}")
+        out.extend(parse_reads_query(one, manifest).regions)
+    return Slice(regions=tuple(out))
+
+
 # -- data URLs -------------------------------------------------------------------------------
 def encode_parts(region: Region | None = None, whole_ref: int | None = None) -> str:
     """A body part in a data URL: ``R:B-E`` (records overlapping a region), ``*`` (unplaced
@@ -165,8 +225,8 @@ def decode_parts(values: list[str], manifest: Manifest) -> tuple[list[Region], l
         m = _PART.match(v)
         if not m:
             raise HtsgetError("InvalidInput", f"malformed data URL part {v!r}")
-        if m.group(1):
-            whole.append(-1)
+        if m.group(1):  # unplaced reads: all of them, whether asked as a region or as a reference
+            regions.append(Region(-1, 0, MAX_END, "*"))
         elif m.group(2) is not None:
             whole.append(int(m.group(2)))
         else:
@@ -179,14 +239,17 @@ def decode_parts(values: list[str], manifest: Manifest) -> tuple[list[Region], l
     return regions, whole
 
 
-def body_parts(sl: Slice, manifest: Manifest) -> list[str]:
-    """One data URL part per body URL: each region, or each reference that holds records."""
+def body_parts(sl: Slice, manifest: Manifest) -> list[list[str]]:
+    """The data URL parts of each body URL: one URL per reference holding records (a whole
+    dataset), one for a region, or one for several regions (a POST: records in file order,
+    each once, as the spec asks)."""
     if sl.header_only:
         return []
     if sl.regions is None:
         refs = sorted((ix.ref_id for ix in manifest.index if ix.n_records), key=lambda r: (r < 0, r))
-        return [encode_parts(whole_ref=r) for r in refs]
-    return [encode_parts(r) for r in sl.regions if r.ref_id < 0 or r.beg < r.end]
+        return [[encode_parts(whole_ref=r)] for r in refs]
+    parts = list(dict.fromkeys(encode_parts(r) for r in sl.regions if r.ref_id < 0 or r.beg < r.end))
+    return [parts] if parts else []
 
 
 def ticket(sl: Slice, manifest: Manifest, data_url: str) -> dict:
@@ -194,9 +257,9 @@ def ticket(sl: Slice, manifest: Manifest, data_url: str) -> dict:
     run = manifest.run_id
     urls = [{"url": f"{data_url}?{urlencode({'run': run, 'part': 'header'})}", "class": "header"}]
     if not sl.header_only:
-        for part in body_parts(sl, manifest):
-            urls.append({"url": f"{data_url}?{urlencode({'run': run, 'part': 'body', 'r': part})}",
-                         "class": "body"})
+        for parts in body_parts(sl, manifest):
+            query = urlencode([("run", run), ("part", "body")] + [("r", p) for p in parts])
+            urls.append({"url": f"{data_url}?{query}", "class": "body"})
     # the EOF block ends the file (a header-only ticket too: it then reads as a BAM without records)
     urls.append({"url": "data:application/vnd.ga4gh.bam;base64," + base64.b64encode(EOF).decode(),
                  "class": "header" if sl.header_only else "body"})
