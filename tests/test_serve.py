@@ -310,3 +310,21 @@ def test_post_regions(served, tmp_path):
     assert r.status_code == 413 and r.json()["htsget"]["error"] == "PayloadTooLarge"
     r = httpx.post(_reads(served, referenceName="chr1"), json={})
     assert r.status_code == 400 and r.json()["htsget"]["error"] == "InvalidInput"
+
+
+def test_bgzf_encoder(tmp_path):
+    """bams3core.bgzf: blocks htslib reads back, incompressible input included."""
+    import gzip
+
+    from bams3core.bgzf import BLOCK_INPUT, EOF, BgzfEncoder, compress_block
+
+    data = os.urandom(150_000) + b"ACGT" * 60_000
+    enc = BgzfEncoder()
+    out = b"".join(enc.encode(data[i:i + 7777]) for i in range(0, len(data), 7777)) + enc.flush() + EOF
+    assert gzip.decompress(out) == data
+    (tmp_path / "x.gz").write_bytes(out)
+    with pysam.BGZFile(str(tmp_path / "x.gz")) as f:
+        assert f.read() == data
+    assert len(compress_block(os.urandom(BLOCK_INPUT))) <= 1 << 16
+    with pytest.raises(ValueError):
+        compress_block(b"x" * (BLOCK_INPUT + 1))

@@ -111,12 +111,18 @@ def parse_locus(text: str, references: list[dict], max_locus: int) -> tuple[str,
 
 def _default_locus(ds) -> tuple[str, int, int] | None:
     """The first DEFAULT_WIDTH bp from the first placed record, or None without one."""
-    refs = sorted(ix.ref_id for ix in ds.manifest.index if ix.ref_id >= 0 and ix.n_records)
-    if not refs:
+    placed = sorted((ix for ix in ds.manifest.index if ix.ref_id >= 0 and ix.n_records), key=lambda ix: ix.ref_id)
+    if not placed:
         return None
-    ref = ds.manifest.references[refs[0]]
-    rows = ds.index(refs[0])
-    beg = int(rows["first_start"][0]) if len(rows) else 0
+    ix = placed[0]
+    ref = ds.manifest.references[ix.ref_id]
+    pages = ix.index_pages()
+    if pages:  # the page directory in the manifest says where the reference's first block starts
+        beg = pages[0].first_start
+    else:  # an index written before paging: read it (one GET)
+        rows = ds.index(ix.ref_id)
+        beg = int(rows["first_start"][0]) if len(rows) else 0
+    beg = max(0, min(beg, ref["length"] - 1))
     return ref["name"], beg, min(ref["length"], beg + DEFAULT_WIDTH)
 
 
