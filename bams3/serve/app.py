@@ -112,16 +112,22 @@ class BgzfStream(StreamingResponse):
     async def stream_response(self, send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         try:
-            if self.first:
-                await send({"type": "http.response.body", "body": self.first, "more_body": True})
-            if self.first is not None:
-                async for chunk in iterate_in_threadpool(self.blocks):
+            chunk, chunks = self.first, iterate_in_threadpool(self.blocks)
+            while chunk is not None:
+                try:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except Exception as e:  # noqa: BLE001 - see the class docstring
-            log.error("GET %s: response cut short: %s", self.path, _one_line(e))
+                except OSError:  # the client went away: nothing to report
+                    return
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    chunk = None
+                except Exception as e:  # noqa: BLE001 - see the class docstring
+                    log.error("GET %s: response cut short: %s", self.path, _one_line(e))
+                    return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
             self._close()
-            return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _close(self) -> None:
         try:
