@@ -498,6 +498,16 @@ def _add_snapshot_option(p: argparse.ArgumentParser) -> None:
                                                         "lists) instead of the current one")
 
 
+def cmd_serve(args, argv) -> int:
+    from .serve import serve
+
+    opts = dict(region=args.s3_region, concurrency=args.s3_concurrency, use_cache=not args.no_cache,
+                cache_dir=args.cache_dir)
+    serve(args.root, host=args.host, port=args.port, fasta=args.fasta, max_locus=args.max_locus, store_options=opts,
+          refresh=args.refresh)
+    return 0
+
+
 def cmd_demo(args, argv) -> int:
     from .demo import run_demo
 
@@ -706,6 +716,20 @@ def build_parser() -> argparse.ArgumentParser:
     from .depth import add_depth_parser
 
     add_depth_parser(sub, _add_store_options, _add_snapshot_option, EPILOG_PATHS)
+
+    p = sub.add_parser("serve", help="serve the datasets under a root over GA4GH htsget, with an igv.js view",
+                       description="Serve every dataset under DATASET_ROOT: GA4GH htsget 1.3 reads as BAM at "
+                                   "/reads/{id} (id: the dataset's path under the root), a list of the datasets at /, "
+                                   "and an igv.js view at /view/{id}?locus=chr1:1000-2000. Stop it with Ctrl-C.",
+                       epilog=EPILOG_PATHS)
+    p.add_argument("root", metavar="DATASET_ROOT", help="a directory or s3://bucket/prefix holding datasets (or one dataset)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--fasta", metavar="FASTA", help="indexed reference FASTA (with .fai) for igv.js to show bases")
+    p.add_argument("--max-locus", type=int, default=100_000, metavar="BP",
+                   help="widest locus the view opens, in bp (default 100000)")
+    _add_store_options(p, write=False)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="run the whole pipeline on a local S3 endpoint with a generated sample",
                        description="Start a local S3 endpoint (moto, 127.0.0.1), generate a sample BAM, convert it "

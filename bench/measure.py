@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -614,6 +615,105 @@ def projection(ctx: Ctx) -> None:
                 st = res[name][1]
                 detail.append(f"| {label} `{region}` | {name} | {st['requests']} | {st['bytes_out']:,} |")
     ctx.details += detail + [""]
+
+
+# ---------------------------------------------------------------------------------------------
+# an htsget slice over S3 (bams3 serve)
+# ---------------------------------------------------------------------------------------------
+class _Serve:
+    """`bams3 serve` on the bench bucket (127.0.0.1, a free port), stopped by its handle."""
+
+    def __init__(self, ctx: Ctx, cache: Path):
+        import socket
+        import urllib.request
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = ctx.bams3("serve", ctx.s3.s3_uri(""), "--port", self.port)
+        self.log = open(ctx.work / "serve.log", "wb")
+        self.proc = subprocess.Popen([str(c) for c in cmd], env=ctx.s3.bams3_env(cache), stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        for _ in range(600):
+            if self.proc.poll() is not None:
+                raise CommandError(cmd, "exited", (ctx.work / "serve.log").read_text()[-500:])
+            try:
+                with urllib.request.urlopen(self.url + "/reads/service-info", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise CommandError(cmd, "timeout", "bams3 serve did not answer within 60 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def htsget_slice(ctx: Ctx) -> None:
+    """The 1 kb region as an htsget slice: `samtools view http://.../reads/ds?...` against a
+    `bams3 serve` reading the dataset from S3; S3 requests and bytes (the server's, counted by
+    the proxy) against samtools reading BAM+BAI from S3 itself, both cold."""
+    ds, s3 = ctx.ds, ctx.s3
+    label, region = regions(ds)[0]
+    name, span = region.rsplit(":", 1)
+    beg, end = (int(x) for x in span.split("-"))
+    sec = f"htsget slice {label} ({region}) from S3"
+    truth = run(["samtools", "view", ds.sorted_bam, region], hash_stdout=True, timeout=ctx.timeout)
+    cwd = ctx.fresh("htsget-sam")
+    cwd.mkdir()
+    s3.reset()
+    anchor = run(["samtools", "view", s3.htslib_url(BAM_KEY), region], env=s3.htslib_env(), cwd=cwd,
+                 hash_stdout=True, timeout=ctx.timeout)
+    ast = s3.stats()
+    url = f"{{}}/reads/{DS_PREFIX}?referenceName={name}&start={beg - 1}&end={end}"
+
+    def go():
+        if not ctx.s3_dataset_ready:
+            raise CommandError(["bams3", "serve"], "skipped", "no dataset on S3 (convert → S3 failed)")
+        server = _Serve(ctx, ctx.fresh("htsget-cache"))
+        try:
+            out = []
+            for _ in ("cold", "warm"):
+                s3.reset()
+                r = run(["samtools", "view", url.format(server.url)], hash_stdout=True, timeout=ctx.timeout,
+                        env=base_env())
+                r.extra = s3.stats()
+                out.append(r)
+            return out
+        finally:
+            server.stop()
+
+    if ctx.bams3.ok:
+        ctx.cmdlog("bams3 serve", ctx.bams3("serve", s3.s3_uri(""), "--port", "PORT"))
+        ctx.cmdlog("htsget client", ["samtools", "view", url.format("http://127.0.0.1:PORT")])
+    res, miss = ctx.attempt("htsget slice", go)
+    v = lambda i, k: res[i].extra[k] if res else None  # noqa: E731
+    S = "samtools view (BAM+BAI from S3)"
+    ctx.row(sec, "cold: S3 requests", "requests", v(0, "requests"), S, ast["requests"], missing=miss,
+            note="the server's GETs for the ticket, the header and the records")
+    ctx.row(sec, "cold: S3 bytes", "bytes", v(0, "bytes_out"), S, ast["bytes_out"], missing=miss)
+    ctx.row(sec, "warm: S3 requests", "requests", v(1, "requests"), missing=miss)
+    ctx.row(sec, "warm: S3 bytes", "bytes", v(1, "bytes_out"), missing=miss)
+    ctx.row(sec, "cold: wall time", "s", res[0].seconds if res else None, S, anchor.seconds, missing=miss,
+            note="a fresh server: its first request also loads the decoders")
+    ctx.row(sec, "warm: wall time", "s", res[1].seconds if res else None, missing=miss)
+    same = bool(res) and all(r.out_sha256 == truth.out_sha256 for r in res) and anchor.out_sha256 == truth.out_sha256
+    ctx.row(sec, "records identical to samtools view", "bool", float(same) if res else None, chart=False,
+            goal=Goal(">=", 1, on="value", label="identical"), missing=miss)
+    if res:
+        ctx.details += [f"### htsget slice `{region}` over S3", "",
+                        "| who | requests | bytes | ops |", "|---|---|---|---|",
+                        f"| samtools BAM+BAI, cold | {ast['requests']} | {ast['bytes_out']:,} | {_ops(ast)} |"] + [
+            f"| bams3 serve, {w} | {r.extra['requests']} | {r.extra['bytes_out']:,} | {_ops(r.extra)} |"
+            for w, r in zip(("cold", "warm"), res)] + [""]
 
 
 _LOOPBACK_NOTE = (

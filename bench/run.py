@@ -193,6 +193,7 @@ def main(argv=None) -> int:
             if "query" in a.only:
                 measure.queries(ctx)
                 measure.projection(ctx)
+                measure.htsget_slice(ctx)
             if "stats" in a.only:
                 measure.stats(ctx)
             if "sweep" in a.only:
