@@ -135,7 +135,7 @@ def split_records(buf: bytes | memoryview, start: int = 0) -> tuple[np.ndarray, 
     offs = np.empty(max(len(u8) - start, 0) // (4 + FIXED_SIZE) + 2, dtype=np.int64)
     from .kernels import split_records_kernel
 
-    k, end, bad = split_records_kernel(u8, start, FIXED_SIZE, offs)
+    k, end, bad = split_records_kernel(_ro(u8), start, FIXED_SIZE, offs)
     if bad >= 0:
         (bs,) = _I32.unpack_from(buf, bad)
         raise BamFormatError(f"corrupt BAM record (block_size {bs} at byte {bad})")
@@ -144,6 +144,15 @@ def split_records(buf: bytes | memoryview, start: int = 0) -> tuple[np.ndarray, 
 
 def _as_index(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _ro(a: np.ndarray) -> np.ndarray:
+    """A read-only view: numba compiles one signature per writability of an argument, so the
+    arrays a kernel only reads are always passed read-only (one compilation, one cache entry)."""
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
 
 
 def gather(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -159,7 +168,7 @@ def gather(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
         buf = np.ascontiguousarray(buf).reshape(-1)
     from .kernels import gather_kernel
 
-    bad = gather_kernel(buf, starts, lens, out)
+    bad = gather_kernel(_ro(buf), _ro(starts), _ro(lens), out)
     if bad >= 0:
         raise IndexError(f"gather: piece {bad} lies outside the buffer")
     return out
@@ -177,7 +186,7 @@ def scatter(out: np.ndarray, starts: np.ndarray, lens: np.ndarray, values: np.nd
         raise ValueError("scatter: values do not match the piece lengths")
     from .kernels import scatter_kernel
 
-    bad = scatter_kernel(out, starts, lens, values)
+    bad = scatter_kernel(out, _ro(starts), _ro(lens), _ro(values))
     if bad >= 0:
         raise IndexError(f"scatter: piece {bad} lies outside the buffer")
 
@@ -244,7 +253,7 @@ class RecordBatch:
         out = np.empty((n, size), dtype=np.uint8)
         from .kernels import rows_kernel
 
-        if rows_kernel(u8, _as_index(self.offsets[:-1] + 4), size, out) >= 0:
+        if rows_kernel(_ro(u8), _ro(_as_index(self.offsets[:-1] + 4)), size, out) >= 0:
             raise IndexError("a record's fixed fields lie outside the batch")
         return out.reshape(-1).view(dtype)
 

@@ -145,7 +145,8 @@ def _byte_counts(q):
     return c[0] + c[1] + c[2] + c[3]
 
 
-@njit(cache=True, nogil=True)
+# Callees with a signature: typed once (calls with literal arguments would compile variants).
+@njit("int64(int32[:, ::1], int64, int64)", cache=True, nogil=True)
 def _rescale(f, row, n):
     t = 0
     for k in range(n):
@@ -155,7 +156,7 @@ def _rescale(f, row, n):
     return t
 
 
-@njit(cache=True, nogil=True)
+@njit("UniTuple(int64, 4)(int64, int64, int64, uint8[::1], int64)", cache=True, nogil=True)
 def _shift_low(low, cache, csize, out, op):
     """LZMA rc ShiftLow: emit the top byte of ``low`` (with carry); op = -1 if ``out`` is full."""
     if low < 0xFF000000 or low > _MASK32:
