@@ -156,7 +156,7 @@ def _rescale(f, row, n):
     return t
 
 
-@njit("UniTuple(int64, 4)(int64, int64, int64, uint8[::1], int64)", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _shift_low(low, cache, csize, out, op):
     """LZMA rc ShiftLow: emit the top byte of ``low`` (with carry); op = -1 if ``out`` is full."""
     if low < 0xFF000000 or low > _MASK32:
