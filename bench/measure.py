@@ -685,10 +685,10 @@ def _cache_files(d: Path) -> dict:
 
 
 def startup(ctx: Ctx) -> None:
-    """The 1 kb query of a local dataset on a fresh install (NUMBA_CACHE_DIR = a new empty
-    directory each run, so numba compiles what the query needs), against the same query with
-    the cache filled; then `bams3 warmup` into an empty cache and the query after it, which
-    must find every kernel there (no cache file written or changed) and so compile nothing."""
+    """`bams3 warmup` into an empty NUMBA_CACHE_DIR, and the 1 kb query of a local dataset after
+    it, which must find every kernel there (no cache file written or changed: nothing compiled);
+    then the same query on a fresh install (NUMBA_CACHE_DIR = a new empty directory each run, so
+    numba compiles what the query needs) interleaved with it on the warmed cache."""
     ds, N = ctx.ds, ctx.repeat
     sec = "start-up: first query on a fresh install"
     region = regions(ds)[0][1]
@@ -697,7 +697,7 @@ def startup(ctx: Ctx) -> None:
     env.pop("NUMBA_CACHE_DIR", None)
     truth = run(["samtools", "view", ds.sorted_bam, region], hash_stdout=True, timeout=ctx.timeout)
     query = ctx.bams3("query", dst, region) if ctx.bams3.ok else []
-    warm_cache, wu_cache = ctx.work / "numba-warm", ctx.work / "numba-warmup"
+    wu_cache = ctx.work / "numba-warmup"  # filled by `bams3 warmup`, then the warm runs' cache
     ctx.cmdlog("bams3 first query (empty numba cache)", ["NUMBA_CACHE_DIR=$(mktemp -d)", *query])
     ctx.cmdlog("bams3 warmup", ["NUMBA_CACHE_DIR=DIR", *(ctx.bams3("warmup", "--json") if ctx.bams3.ok else [])])
 
@@ -709,22 +709,21 @@ def startup(ctx: Ctx) -> None:
         return r
 
     def go():
-        if not dst.exists():  # without the convert section: convert once (warm cache, untimed)
+        shutil.rmtree(wu_cache, ignore_errors=True)
+        wu = run(ctx.bams3("warmup", "--json"), env=dict(env, NUMBA_CACHE_DIR=str(wu_cache)), capture=True,
+                 timeout=ctx.timeout)
+        if not dst.exists():  # without the convert section: convert once (untimed)
             run(ctx.bams3("convert", ds.sorted_bam, dst, "--threads", ctx.threads), timeout=ctx.timeout,
-                env=dict(env, NUMBA_CACHE_DIR=str(warm_cache)))
-        q(warm_cache)  # fills warm_cache
+                env=dict(env, NUMBA_CACHE_DIR=str(wu_cache)))
+        before = _cache_files(wu_cache)
+        after_wu = q(wu_cache)
+        changed = sum(1 for k, v in _cache_files(wu_cache).items() if before.get(k) != v)
         cold, warm = [], []
         for i in range(N):  # interleaved: cold, warm, cold, warm...
             fresh = ctx.fresh(f"numba-cold-{i}")
             fresh.mkdir()
             cold.append(q(fresh))
-            warm.append(q(warm_cache))
-        shutil.rmtree(wu_cache, ignore_errors=True)
-        wu = run(ctx.bams3("warmup", "--json"), env=dict(env, NUMBA_CACHE_DIR=str(wu_cache)), capture=True,
-                 timeout=ctx.timeout)
-        before = _cache_files(wu_cache)
-        after_wu = q(wu_cache)
-        changed = sum(1 for k, v in _cache_files(wu_cache).items() if before.get(k) != v)
+            warm.append(q(wu_cache))
         return min(cold, key=lambda r: r.seconds), min(warm, key=lambda r: r.seconds), wu, after_wu, changed
 
     res, miss = ctx.attempt("start-up", go)
