@@ -9,7 +9,8 @@ output, export, verify) on a small generated input in a temporary directory: the
 kernels are compiled with exactly the argument types the commands pass, and stored.
 
 Where numba keeps them: ``$NUMBA_CACHE_DIR`` if set; else ``__pycache__`` next to the sources
-when that is writable; else numba's user-wide cache (``~/.cache/numba``). numba reads a cache
+when that is writable; else numba's user-wide cache (``~/.cache/numba``); if none is writable,
+``$TMPDIR/bams3-numba-<uid>`` (bams3core.jit). numba reads a cache
 directory only if it can write to it, and a cache entry only for the same source file (path,
 size, mtime) and the same CPU model (``NUMBA_CPU_NAME=generic`` makes it portable across
 machines). docs/STARTUP.md has the Dockerfile lines.
@@ -31,11 +32,11 @@ def dispatchers() -> list[tuple[str, object]]:
     """Every numba kernel of bams3core as (module.name, dispatcher); imports numba."""
     import importlib
 
+    mods = [importlib.import_module(m) for m in KERNEL_MODULES]  # before numba: bams3core.jit
     from numba.core.registry import CPUDispatcher
 
     out = []
-    for modname in KERNEL_MODULES:
-        mod = importlib.import_module(modname)
+    for modname, mod in zip(KERNEL_MODULES, mods):
         for name, obj in sorted(vars(mod).items()):
             if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == modname:
                 out.append((f"{modname}.{name}", obj))

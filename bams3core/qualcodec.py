@@ -62,7 +62,7 @@ from functools import lru_cache
 
 import numpy as np
 import zstandard
-from numba import njit
+from .jit import njit  # numba, with a cache directory that always works
 
 __all__ = ["encode_quals", "decode_quals", "METHOD_ZSTD", "METHOD_CM", "METHOD_CONST", "MAX_SYMBOLS"]
 

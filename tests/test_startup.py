@@ -104,3 +104,23 @@ def test_local_query_imports_no_orchestration_or_s3(warmed):
         res = _probe(tmp, cache, *argv)
         assert not (HEAVY | {"numba", "llvmlite"}) & set(res["mods"]), (argv, res["mods"])
         assert res["compiled"] == res["loaded"] == 0
+
+
+def test_numba_cache_falls_back_to_a_writable_dir(tmp_path, monkeypatch):
+    """No writable place among numba's own (read-only install, no writable home): a per-user
+    directory under TMPDIR, instead of numba refusing to define cached kernels."""
+    from bams3core import jit
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(blocker / "numba"))  # under a file: not creatable
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
+    assert jit.numba_cache_candidates()[0] == str(blocker / "numba")
+    assert jit.numba_cache_candidates()[2] == str(blocker / "cache" / "numba")
+    writable_tree = jit.fallback_cache_dir()
+    assert writable_tree is None  # the in-tree __pycache__ is writable here
+    real = jit.numba_cache_candidates
+    monkeypatch.setattr(jit, "numba_cache_candidates", lambda: [p for p in real() if p.startswith(str(blocker))])
+    monkeypatch.setattr(jit.tempfile, "tempdir", str(tmp_path / "tmp"))
+    d = jit.fallback_cache_dir()
+    assert d is not None and d.startswith(str(tmp_path / "tmp")) and os.access(d, os.W_OK)
