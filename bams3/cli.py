@@ -723,7 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every command that uses a compiled kernel on a small generated input in "
                                    "a temporary directory, so that numba compiles each kernel once and stores it "
                                    "in its on-disk cache ($NUMBA_CACHE_DIR, else __pycache__ next to the sources "
-                                   "if writable, else ~/.cache/numba); later processes load them instead of "
+                                   "if writable, else ~/.cache/numba, else $TMPDIR/bams3-numba-UID); later processes "
+                                   "load them instead of "
                                    "compiling. Run it when building an image (docs/STARTUP.md).")
     p.add_argument("--json", action="store_true", help="the report as one JSON object (compiled, loaded, kernels)")
     p.add_argument("-@", "--threads", type=int, default=2)
