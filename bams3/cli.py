@@ -514,6 +514,14 @@ def cmd_demo(args, argv) -> int:
     return run_demo(n_pairs=args.pairs, workdir=args.workdir)
 
 
+def cmd_warmup(args, argv) -> int:
+    from .warmup import run_warmup
+
+    rep = run_warmup(threads=args.threads)
+    print(json.dumps(rep.to_dict(), indent=1) if args.json else f"bams3: {rep.summary()}")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from bams3core.planner import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK_BYTES
@@ -738,6 +746,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=20000, help="read pairs in the sample (default 20000)")
     p.add_argument("--workdir", help="where to put the sample and cache (default: a new temp directory)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("warmup", help="compile and cache every numba kernel now (for container images)",
+                       description="Run every command that uses a compiled kernel on a small generated input in "
+                                   "a temporary directory, so that numba compiles each kernel once and stores it "
+                                   "in its on-disk cache ($NUMBA_CACHE_DIR, else __pycache__ next to the sources "
+                                   "if writable, else ~/.cache/numba, else $TMPDIR/bams3-numba-UID); later processes "
+                                   "load them instead of "
+                                   "compiling. Run it when building an image (docs/STARTUP.md).")
+    p.add_argument("--json", action="store_true", help="the report as one JSON object (compiled, loaded, kernels)")
+    p.add_argument("-@", "--threads", type=int, default=2)
+    p.set_defaults(func=cmd_warmup)
     return ap
 
 

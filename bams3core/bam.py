@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .kernels import gather_kernel, rows_kernel, scatter_kernel, split_records_kernel
+# The compiled kernels (bams3core.kernels, numba) are imported where they are called: importing
+# this module (every command does) must not import numba, which costs ~0.3 s even when cached.
 
 BAM_MAGIC = b"BAM\x01"
 
@@ -132,7 +133,9 @@ def split_records(buf: bytes | memoryview, start: int = 0) -> tuple[np.ndarray, 
     """
     u8 = np.frombuffer(buf, dtype=np.uint8)
     offs = np.empty(max(len(u8) - start, 0) // (4 + FIXED_SIZE) + 2, dtype=np.int64)
-    k, end, bad = split_records_kernel(u8, start, FIXED_SIZE, offs)
+    from .kernels import split_records_kernel
+
+    k, end, bad = split_records_kernel(_ro(u8), start, FIXED_SIZE, offs)
     if bad >= 0:
         (bs,) = _I32.unpack_from(buf, bad)
         raise BamFormatError(f"corrupt BAM record (block_size {bs} at byte {bad})")
@@ -141,6 +144,15 @@ def split_records(buf: bytes | memoryview, start: int = 0) -> tuple[np.ndarray, 
 
 def _as_index(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _ro(a: np.ndarray) -> np.ndarray:
+    """A read-only view: numba compiles one signature per writability of an argument, so the
+    arrays a kernel only reads are always passed read-only (one compilation, one cache entry)."""
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
 
 
 def gather(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -154,7 +166,9 @@ def gather(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
         return out
     if buf.ndim != 1 or not buf.flags.c_contiguous:
         buf = np.ascontiguousarray(buf).reshape(-1)
-    bad = gather_kernel(buf, starts, lens, out)
+    from .kernels import gather_kernel
+
+    bad = gather_kernel(_ro(buf), _ro(starts), _ro(lens), out)
     if bad >= 0:
         raise IndexError(f"gather: piece {bad} lies outside the buffer")
     return out
@@ -170,7 +184,9 @@ def scatter(out: np.ndarray, starts: np.ndarray, lens: np.ndarray, values: np.nd
     values = np.ascontiguousarray(values, dtype=out.dtype).reshape(-1)
     if int(lens.sum()) != len(values):
         raise ValueError("scatter: values do not match the piece lengths")
-    bad = scatter_kernel(out, starts, lens, values)
+    from .kernels import scatter_kernel
+
+    bad = scatter_kernel(out, _ro(starts), _ro(lens), _ro(values))
     if bad >= 0:
         raise IndexError(f"scatter: piece {bad} lies outside the buffer")
 
@@ -235,7 +251,9 @@ class RecordBatch:
             return np.zeros(0, dtype=dtype)
         u8 = np.frombuffer(self.data, dtype=np.uint8)
         out = np.empty((n, size), dtype=np.uint8)
-        if rows_kernel(u8, _as_index(self.offsets[:-1] + 4), size, out) >= 0:
+        from .kernels import rows_kernel
+
+        if rows_kernel(_ro(u8), _ro(_as_index(self.offsets[:-1] + 4)), size, out) >= 0:
             raise IndexError("a record's fixed fields lie outside the batch")
         return out.reshape(-1).view(dtype)
 

@@ -18,9 +18,7 @@ import numpy as np
 import zstandard
 
 from .names import decode_names, encode_names
-from .qualcodec import decode_quals, encode_quals
 from .tags import TagError, decode_tags, encode_tags
-from .kernels import find_mates_kernel
 from .shuffle import shuffle, unshuffle
 from .bam import (FIXED_DTYPE, FIXED_SIZE, WIDE_FIXED_DTYPE, WIDE_FIXED_SIZE, RecordBatch, cigar_ref_lengths,
                   end_positions, fits_bam, gather, reg2bin, scatter, to_bam_layout)
@@ -131,6 +129,8 @@ def find_mates(refid, pos, nref, npos, tlen, names, l_name) -> np.ndarray:
     if n < 2:
         return link
     i64 = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # noqa: E731
+    from .kernels import find_mates_kernel  # numba: imported where used, not with the codec
+
     find_mates_kernel(i64(refid), i64(pos), i64(nref), i64(npos), i64(tlen),
                       np.ascontiguousarray(names, dtype=np.uint8), i64(l_name), MAX_MATE_DISTANCE, link)
     return link
@@ -226,6 +226,8 @@ class BlockEncoder:
             elif name == "name":
                 frames.append(encode_names(raw["name"], l_name[un], self._cctx[name]))
             elif name == "qual":
+                from .qualcodec import encode_quals  # numba: imported where used, not with the codec
+
                 frames.append(encode_quals(raw["qual"], l_seq))
             else:
                 if wide:
@@ -513,6 +515,8 @@ class BlockColumns:
     def qual(self) -> np.ndarray:
         """Quality bytes, ``l_seq`` per record (0xFF for ``*``)."""
         def make():
+            from .qualcodec import decode_quals  # numba: imported where used, not with the codec
+
             try:
                 qual = decode_quals(self.frames["qual"], self.l_seq)
             except ValueError as e:

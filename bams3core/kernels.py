@@ -10,7 +10,7 @@ threads scale. Every kernel checks its bounds and reports a violation to its Pyt
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from .jit import njit  # numba, with a cache directory that always works
 
 
 @njit(cache=True, nogil=True)

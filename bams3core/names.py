@@ -14,7 +14,6 @@ import struct
 import numpy as np
 import zstandard
 
-from .kernels import name_field_kernel, split_name_fields
 from .shuffle import shuffle, unshuffle
 
 _MAX_COLONS = 30  # names with more ':' use method 0
@@ -42,6 +41,8 @@ def _tokenised(names: np.ndarray, l_name: np.ndarray, cctx: zstandard.ZstdCompre
     if (names[np.cumsum(l_name) - 1] != 0).any():
         return None  # a name without its NUL (and so another with two): plain form too
     names = np.ascontiguousarray(names, dtype=np.uint8)
+    from .kernels import name_field_kernel, split_name_fields  # numba: imported by encoders only
+
     fstart = np.empty((n, _MAX_COLONS + 1), dtype=np.int64)
     flen = np.empty((n, _MAX_COLONS + 1), dtype=np.int64)
     k = split_name_fields(names, l_name, _MAX_COLONS, fstart, flen)

@@ -62,7 +62,7 @@ from functools import lru_cache
 
 import numpy as np
 import zstandard
-from numba import njit
+from .jit import njit  # numba, with a cache directory that always works
 
 __all__ = ["encode_quals", "decode_quals", "METHOD_ZSTD", "METHOD_CM", "METHOD_CONST", "MAX_SYMBOLS"]
 
@@ -145,7 +145,8 @@ def _byte_counts(q):
     return c[0] + c[1] + c[2] + c[3]
 
 
-@njit(cache=True, nogil=True)
+# Callees with a signature: typed once (calls with literal arguments would compile variants).
+@njit("int64(int32[:, ::1], int64, int64)", cache=True, nogil=True)
 def _rescale(f, row, n):
     t = 0
     for k in range(n):

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .bam import FLAG_UNMAP
-from .kernels import flagstat_kernel
 
 # Order and names exactly as `samtools flagstat -O json` prints them.
 FLAGSTAT_FIELDS = (
@@ -31,6 +30,8 @@ def flagstat_counts(fixed: np.ndarray) -> np.ndarray:
     """Counts[2, len(FLAGSTAT_FIELDS)] for a batch: row 0 QC-passed, row 1 QC-failed."""
     out = np.zeros((2, len(FLAGSTAT_FIELDS)), dtype=np.int64)
     if len(fixed):
+        from .kernels import flagstat_kernel  # here, not at the top: importing stats must not import numba
+
         flagstat_kernel(fixed["flag"], fixed["mapq"], fixed["refid"], fixed["next_refid"], out)
     return out
 

@@ -25,9 +25,6 @@ import numpy as np
 import zstandard
 
 from .bam import gather, scatter
-from .kernels import (TAG_B_SUBTYPE, TAG_B_TRUNCATED, TAG_OK, TAG_OVERRUN, TAG_SLOTS, TAG_TRUNCATED,
-                      TAG_UNKNOWN_TYPE, TAG_UNTERMINATED, parse_tags_kernel, tag_column_order,
-                      tag_columns_kernel)
 from .shuffle import shuffle, unshuffle
 
 _FIXED = {ord("A"): 1, ord("c"): 1, ord("C"): 1, ord("s"): 2, ord("S"): 2, ord("i"): 4, ord("I"): 4, ord("f"): 4}
@@ -47,9 +44,6 @@ class TagError(ValueError):
     pass
 
 
-_PARSE_ERRORS = {TAG_TRUNCATED: "truncated tag", TAG_UNTERMINATED: "unterminated string tag",
-                 TAG_B_TRUNCATED: "truncated B array", TAG_B_SUBTYPE: "bad B array subtype",
-                 TAG_UNKNOWN_TYPE: "unknown tag type", TAG_OVERRUN: "tag value overruns the record"}
 
 
 def split_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray):
@@ -60,6 +54,14 @@ def split_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray):
     types byte-shuffled), in column order.
     Raises TagError on malformed tags.
     """
+    # numba: imported by encoders only, not with the codec
+    from .kernels import (TAG_B_SUBTYPE, TAG_B_TRUNCATED, TAG_OK, TAG_OVERRUN, TAG_SLOTS, TAG_TRUNCATED,
+                          TAG_UNKNOWN_TYPE, TAG_UNTERMINATED, parse_tags_kernel, tag_column_order,
+                          tag_columns_kernel)
+
+    parse_errors = {TAG_TRUNCATED: "truncated tag", TAG_UNTERMINATED: "unterminated string tag",
+                    TAG_B_TRUNCATED: "truncated B array", TAG_B_SUBTYPE: "bad B array subtype",
+                    TAG_UNKNOWN_TYPE: "unknown tag type", TAG_OVERRUN: "tag value overruns the record"}
     n = len(starts)
     starts = np.ascontiguousarray(starts, dtype=np.int64)
     lens = np.ascontiguousarray(lens, dtype=np.int64)
@@ -73,7 +75,7 @@ def split_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray):
             break
         slots *= 4
     if status != TAG_OK:
-        raise TagError(f"{_PARSE_ERRORS.get(status, 'malformed tags')} (record {rec} of the block)")
+        raise TagError(f"{parse_errors.get(status, 'malformed tags')} (record {rec} of the block)")
     if used == 0:
         return np.zeros(n, dtype=np.int64), [()], {}
     K, O, L = K[:, :used], O[:, :used], L[:, :used]

@@ -28,9 +28,9 @@ from bench import data, measure, report, util  # noqa: E402
 from bench.s3 import BUCKET, S3Env  # noqa: E402
 from bench.util import log  # noqa: E402
 
-SECTIONS = ("convert", "size", "s3convert", "query", "stats", "sweep")
+SECTIONS = ("convert", "size", "s3convert", "query", "stats", "sweep", "startup")
 ROW_ORDER = ("size", "convert throughput", "peak memory", "convert to S3", "query", "stats",
-             "upload sweep")
+             "start-up", "upload sweep")
 
 FULL = dict(pairs=500_000, repeat=3, sweep_repeat=2, max_memory="64M", timeout=1800,
             part_sizes="5,8,16", concurrency="1,2,4")
@@ -184,6 +184,8 @@ def main(argv=None) -> int:
     try:
         if "convert" in a.only:
             measure.convert_local(ctx)
+        if "startup" in a.only:
+            measure.startup(ctx)
         if a.only & {"s3convert", "query", "stats", "sweep"}:
             s3 = S3Env(work).start()
             ctx.s3 = s3
