@@ -80,6 +80,10 @@ def cmd_convert(args, argv) -> int:
 
     if args.dest.startswith("s3://") is False and os.path.isfile(args.dest):
         raise InputError(f"{args.dest}: exists and is a file; DEST must be a directory or s3://bucket/prefix")
+    if args.dask:
+        from .cluster import parse_dask
+
+        parse_dask(args.dask)  # a bad value is refused before anything is written
     opts = ConvertOptions(reference=args.reference, threads=args.threads, max_memory=args.max_memory,
                           block_bytes=args.block_size, chunk_bytes=args.chunk_size, overwrite=args.overwrite,
                           keep_snapshots=args.keep_snapshots, keep_days=args.keep_days,
