@@ -99,7 +99,8 @@ def prefect_stages(verify_mode: str, progress: Progress | None, spec: dict) -> d
         return [f.result() for f in futures]  # raises the first failure (every shard has ended)
 
     def verify(store, results):
-        futures = [steps.verify_shard.submit(spec, quote(r), mode=verify_mode) for r in results if r.chunks]
+        # plain values (no ``quote``: a Dask task runner would receive the annotation as a tuple)
+        futures = [steps.verify_shard.submit(spec, r, mode=verify_mode) for r in results if r.chunks]
         wait(futures)
         n = sum(f.result() for f in futures)  # DatasetError on a corrupt upload: no commit
         get_run_logger().info("verified %d uploaded chunk(s) (%s)", n, verify_mode)

@@ -551,3 +551,33 @@ def test_storage_report_counts_noncurrent_versions(prefect_harness, s3_env, samp
     assert res["total"]["current"]["bytes"] == d["bytes"]
     assert res["total"]["noncurrent"]["bytes"] == nc["bytes"]
     assert res["lifecycle"]["versioned"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# the stages on other task runners (issue #11)
+# ---------------------------------------------------------------------------------------------
+def test_convert_to_s3_on_a_dask_cluster(prefect_harness, s3_env, sample_bam, dask_cluster, tmp_path):
+    """The same flow, its shard and verify tasks on Dask workers (plain values in and out)."""
+    from prefect_dask import DaskTaskRunner
+
+    from flows import convert_to_s3
+
+    uri, ref = s3_env.uri("dask"), s3_env.uri("threads")
+    on_dask = convert_to_s3.with_options(task_runner=DaskTaskRunner(address=dask_cluster))
+    state = on_dask(source=sample_bam, destination=uri, chunk_size=CHUNK, shards=3, return_state=True)
+    assert state.is_completed(), state
+    summary = state.result()
+    assert summary["shards"] == 4 and summary["reused_chunks"] == 0
+    convert_to_s3(source=sample_bam, destination=ref, chunk_size=CHUNK, shards=3)
+    a, b = manifest_of(ref), manifest_of(uri)
+    assert [c.sha256 for c in a.chunks] == [c.sha256 for c in b.chunks]  # same plan, same bytes
+    import pysam
+
+    assert query_text(uri, tmp_path).decode() == pysam.samtools.view(sample_bam)
+    runs = task_runs(flow_run_id(state), want=lambda rs: sum(r.name.startswith("shard-") and
+                                                              r.state_type.value == "COMPLETED" for r in rs) == 4)
+    names = sorted(r.name for r in runs)
+    assert [n for n in names if n.startswith("shard-")] == [f"shard-{i:04d}" for i in range(4)]
+    assert any(n.startswith("verify-shard-") for n in names)
+    assert any(n.startswith("commit") for n in names) and any(n.startswith("plan") for n in names)
+    assert cli("verify", uri) == 0
