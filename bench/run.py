@@ -24,13 +24,13 @@ if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
-from bench import data, measure, report, util  # noqa: E402
+from bench import data, measure, report, scale, util  # noqa: E402
 from bench.s3 import BUCKET, S3Env  # noqa: E402
 from bench.util import log  # noqa: E402
 
-SECTIONS = ("convert", "size", "s3convert", "query", "stats", "sweep")
+SECTIONS = ("convert", "size", "s3convert", "query", "stats", "sweep", "scale")
 ROW_ORDER = ("size", "convert throughput", "peak memory", "convert to S3", "query", "stats",
-             "upload sweep")
+             "upload sweep", "scale")
 
 FULL = dict(pairs=500_000, repeat=3, sweep_repeat=2, max_memory="64M", timeout=1800,
             part_sizes="5,8,16", concurrency="1,2,4")
@@ -205,6 +205,8 @@ def main(argv=None) -> int:
                          env=dict(measure.base_env(), BAMS3_CACHE_DIR=str(work / "c")))
                 ctx.local_dataset_bytes = util.dir_size(dst)
             measure.sizes(ctx)
+        if "scale" in a.only and bams3.ok:
+            scale.measure(ctx)  # flow vs CLI, Dask workers, resume after kill -9, migrate twice
     except KeyboardInterrupt:
         harness_error = "interrupted"
         log("interrupted")
