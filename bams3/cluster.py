@@ -26,6 +26,17 @@ def parse_dask(spec: str) -> tuple[str, int | None]:
     return spec, None
 
 
+def _warm_up() -> None:
+    """Load what a shard needs (modules, the quality coder's compiled kernels) on a worker."""
+    import numpy as np
+
+    from bams3 import stages  # noqa: F401
+    from bams3core.qualcodec import decode_quals, encode_quals
+
+    lengths = np.array([4], dtype=np.uint32)
+    decode_quals(encode_quals(np.array([30, 31, 32, 33], dtype=np.uint8), lengths), lengths)
+
+
 class DaskShards:
     """A Dask client (and the LocalCluster it started, if any) as a shard runner."""
 
@@ -45,6 +56,8 @@ class DaskShards:
                 self.client = Client(where, timeout="20s")
             except (OSError, TimeoutError) as e:
                 raise InputError(f"--dask {spec}: cannot reach the scheduler ({e})") from None
+
+        self.client.run(_warm_up)  # imports and JIT caches, on every worker at once, before the clock runs
 
     @property
     def workers(self) -> int:
