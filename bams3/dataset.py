@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from bams3core import layout
-from bams3core.bam import FLAG_UNMAP, BamHeader, RecordBatch, Reference
+from bams3core.bam import BamHeader, RecordBatch, Reference
 from bams3core.codec import BlockEncoder, CodecError, EncodedBlock, decode_block
 from bams3core.index import (ENTRY_DTYPE, ENTRY_DTYPE_WIDE, FORMAT_VERSION, FORMAT_VERSION_WIDE, HEADER_KEY,
                              MANIFEST_KEY, IndexError_, IndexPage, Manifest, ObjectRef,

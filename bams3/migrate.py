@@ -31,7 +31,6 @@ from bams3core.index import MANIFEST_KEY, IndexError_, Manifest
 
 from .convert import ConvertOptions, run_conversion
 from .errors import Bams3Error, InputError, NotFound
-from .inputs import open_input
 from .stages import store_spec
 from .store import Store, open_store, parse_uri
 

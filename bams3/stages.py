@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -120,7 +120,6 @@ class Plan:
     jobs: list  # [ShardJob]
     input_bytes: int | None = None
     index_records: int | None = None  # records the BAI/CSI counts (a check on the shards)
-    resume_key: str = ""
 
     @property
     def sharded(self) -> bool:
