@@ -247,8 +247,9 @@ def run_conversion(source: str, store: Store, opts: ConvertOptions, *, inp: Alig
             verify(store, results)
         manifest = commit(writer, results) if commit else writer.commit_shards(results)
     except BaseException as e:
-        if opts.resume and key and not isinstance(e, InputError):
-            writer.suspend()  # keep the uploaded chunks for the next --resume
+        if opts.resume and key and not isinstance(e, (InputError, DatasetError)):
+            writer.suspend()  # keep the uploaded chunks for the next --resume (bad input or a
+            # corrupt upload: nothing worth keeping)
         else:
             writer.abort()
         raise
