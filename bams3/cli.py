@@ -573,8 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "input is always one stream)")
     p.add_argument("--resume", action="store_true",
                    help="take over a failed or killed conversion of the same file (same size and mtime) with the "
-                        "same options into DEST, reusing the chunks it uploaded; a failure (not bad input) keeps this run's "
-                        "chunks for the next --resume")
+                        "same options into DEST, reusing the chunks it uploaded; a failure (not bad input) keeps "
+                        "this run's chunks for the next --resume")
     p.add_argument("--dask", metavar="WHERE",
                    help="run the shards on Dask: local:N (a local cluster of N one-thread workers) or a scheduler "
                         "address (tcp://host:8786; workers must read INPUT and reach DEST)")
