@@ -77,7 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in d.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
-    a.only = set(a.only.split(",")) if a.only else set(SECTIONS)
+    # --quick leaves the scale rows out unless asked for (`--quick --only scale`): they start a
+    # Prefect server and Dask clusters, minutes that tests/test_bench_quick.py need not spend
+    a.only = set(a.only.split(",")) if a.only else set(SECTIONS) - ({"scale"} if a.quick else set())
     bad = a.only - set(SECTIONS)
     if bad:
         p.error(f"unknown sections: {', '.join(sorted(bad))}")
