@@ -55,6 +55,10 @@ def _add_store_options(p: argparse.ArgumentParser, *, write: bool) -> None:
 def _open_store(uri: str, args, *, write: bool):
     from .store import open_store
 
+    return open_store(uri, **_store_options(args, write=write))
+
+
+def _store_options(args, *, write: bool) -> dict:
     threads = getattr(args, "threads", 2) or 2
     opts = dict(region=getattr(args, "s3_region", None),
                 concurrency=getattr(args, "s3_concurrency", None) or 2 * threads)
@@ -63,7 +67,7 @@ def _open_store(uri: str, args, *, write: bool):
                     sse=getattr(args, "sse", None), sse_kms_key_id=getattr(args, "sse_kms_key_id", None))
     else:
         opts.update(use_cache=not getattr(args, "no_cache", False), cache_dir=getattr(args, "cache_dir", None))
-    return open_store(uri, **opts)
+    return opts
 
 
 def _pg_line(argv: list[str]) -> str:
@@ -76,13 +80,33 @@ def cmd_convert(args, argv) -> int:
 
     if args.dest.startswith("s3://") is False and os.path.isfile(args.dest):
         raise InputError(f"{args.dest}: exists and is a file; DEST must be a directory or s3://bucket/prefix")
+    if args.dask:
+        from .cluster import parse_dask
+
+        parse_dask(args.dask)  # a bad value is refused before anything is written
     opts = ConvertOptions(reference=args.reference, threads=args.threads, max_memory=args.max_memory,
                           block_bytes=args.block_size, chunk_bytes=args.chunk_size, overwrite=args.overwrite,
                           keep_snapshots=args.keep_snapshots, keep_days=args.keep_days,
-                          upload_concurrency=args.s3_concurrency,
+                          upload_concurrency=args.s3_concurrency, shards=args.shards, resume=args.resume,
                           progress=None if args.quiet else stderr_progress)
     with _open_store(args.dest, args, write=True) as store:
-        res = convert(args.input, store, opts)
+        if args.dask:
+            from .cluster import DaskShards
+            from .stages import store_spec
+
+            if args.input == "-":
+                raise InputError("--dask needs a file: standard input cannot be read by other workers")
+            runner = DaskShards(args.dask)
+            try:
+                spec = store_spec(args.dest, **_store_options(args, write=True))
+                res = convert(args.input, store, opts, runner=runner, spec=spec, workers=runner.workers)
+            finally:
+                runner.close()
+        else:
+            res = convert(args.input, store, opts)
+    if res.resumed and not args.quiet:
+        print(f"bams3: resumed a previous run: {res.reused_chunks} chunks reused, "
+              f"{res.encoded_records} of {res.records} records encoded", file=sys.stderr)
     m = res.manifest
     size = sum(c.size for c in m.chunks) + sum(i.size for i in m.index) + m.header.size
     if not args.quiet:
@@ -473,6 +497,16 @@ def cmd_rollback(args, argv) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
+
+
 def _keep(text: str) -> int:
     try:
         n = int(text)
@@ -551,6 +585,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "rollback) and removes older ones (default 1; 0 removes the replaced run)")
     p.add_argument("--keep-days", type=_days, default=None, metavar="D",
                    help="also keep every snapshot written less than D days ago")
+    p.add_argument("--shards", type=_positive, metavar="N",
+                   help="split a coordinate-sorted BAM with a .bai/.csi into N key ranges converted independently "
+                        "(default: one per 64 MB of input, at least two per --dask worker; 1: one stream; other "
+                        "input is always one stream)")
+    p.add_argument("--resume", action="store_true",
+                   help="take over a failed or killed conversion of the same file (same size and mtime) with the "
+                        "same options into DEST, reusing the chunks it uploaded; a failure (not bad input) keeps "
+                        "this run's chunks for the next --resume")
+    p.add_argument("--dask", metavar="WHERE",
+                   help="run the shards on Dask: local:N (a local cluster of N one-thread workers) or a scheduler "
+                        "address (tcp://host:8786; workers must read INPUT and reach DEST)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     _add_store_options(p, write=True)
     p.set_defaults(func=cmd_convert)

@@ -1,38 +1,35 @@
-"""The conversion pipeline: input -> (sort) -> blocks -> encode -> chunks -> upload -> commit.
+"""The conversion: plan -> shards (input -> (sort) -> blocks -> encode -> chunks -> upload)
+-> verify -> commit. The stages are in :mod:`bams3.stages`; :func:`run_conversion` drives them.
 
-This is the one implementation used by ``bams3 convert`` and by the Prefect flow
-``convert-to-s3`` (which wraps the same steps as tasks). Memory is bounded by
-``max_memory`` (sort runs) plus a few blocks per thread and ``concurrency + 1`` chunks.
+This is the one implementation used by ``bams3 convert`` (shards one after the other, or on
+a Dask cluster with ``--dask``) and by the Prefect flow ``convert-to-s3`` (shards as tasks on
+any task runner). Memory per shard is bounded by ``max_memory`` (sort runs) plus a few
+blocks per thread and a few chunks in flight.
 """
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from bams3core.bam import BamHeader, RecordBatch
-from bams3core.codec import CodecError, decode_block
+from bams3core.bam import BamHeader, RecordBatch, Reference
 from bams3core.index import Manifest
-from bams3core.planner import (DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK_BYTES, BlockPlanner, ChunkAssembler, OrderError,
-                               PlannedChunk)
-from bams3core.sorting import (decode_run_frames, encode_run_frames, header_sort_order, merge_sorted, sort_batch,
-                               sorted_header_text)
+from bams3core.planner import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK_BYTES
+from bams3core.sorting import decode_run_frames, encode_run_frames, merge_sorted, sort_batch
 
 import numpy as np
 import zstandard
 
-from .dataset import DatasetWriter, encode_block
-from .errors import Bams3Error, DatasetError, InputError
+from .dataset import DatasetWriter
+from .errors import DatasetError, InputError
 from .inputs import AlignmentInput, open_input
 from .store import Store
 
 DEFAULT_MAX_MEMORY = 768 << 20
-MAX_CHUNKS_IN_FLIGHT = 2  # chunk uploads queued or running at once (each up to chunk_bytes)
 
 
 @dataclass
@@ -46,7 +43,10 @@ class ConvertOptions:
     keep_snapshots: int = 1  # previous snapshots an overwrite keeps (docs/FORMAT.md §2.6)
     keep_days: float | None = None  # and every snapshot younger than this
     upload_concurrency: int | None = None  # default: the store's concurrency, else 2 x threads
-    slice_bytes: int = 2 << 20  # raw record bytes per encode step (one Prefect `chunk` task)
+    slice_bytes: int = 2 << 20  # raw record bytes per encode step
+    shards: int | None = None  # shards of an indexed BAM (default: by compressed bytes; 1: one stream)
+    shard_bytes: int = 64 << 20  # compressed input bytes per shard by default
+    resume: bool = False  # take over a dead run of the same conversion; keep chunks on failure
     progress: Callable[[dict], None] | None = None
     warn: Callable[[str], None] | None = None  # one line about the input (default: stderr)
     extra: dict = field(default_factory=dict)  # the manifest's `extra` (e.g. the source identity of `migrate`)
@@ -64,6 +64,10 @@ class ConvertResult:
     bytes_written: int
     spill_runs: int = 0
     chunks: list = field(default_factory=list)
+    encoded_records: int = 0  # records encoded by this run (the rest: reused chunks)
+    reused_chunks: int = 0
+    shards: int = 1
+    resumed: bool = False
 
 
 # -- sorting ----------------------------------------------------------------------------
@@ -157,211 +161,122 @@ class ExternalSorter:
         yield from self._merge(runs)
 
 
-def read_back(writer: DatasetWriter) -> Iterator[RecordBatch]:
-    """The records a (not yet committed) run has written, in order, decoded from its chunks:
-    the sorted prefix of an input whose header claimed SO:coordinate wrongly, merged with the
-    sorted rest. One chunk in memory at a time."""
-    for rows in writer.block_rows():
-        for number in np.unique(rows["chunk"]):
-            key = writer.chunk_key(int(number))
-            data = writer.store.get(key)
-            for row in rows[rows["chunk"] == number]:
-                a = int(row["offset"])
-                try:
-                    yield decode_block(data[a:a + int(row["length"])], row["stream_sizes"].tolist(),
-                                       int(row["n_records"]), int(row["ref_id"]), int(row["first_start"]))
-                except CodecError as e:
-                    raise DatasetError(f"{writer.store.uri}/{key}: {e} (reading back this run's chunk)") from None
+# -- the driver ----------------------------------------------------------------------------
+def _job_fields(opts: ConvertOptions, ledger: bool, source_store: dict | None = None) -> dict:
+    return dict(reference=opts.reference, source_store=source_store, threads=max(1, opts.threads), block_bytes=opts.block_bytes,
+                chunk_bytes=opts.chunk_bytes, max_memory=opts.max_memory, slice_bytes=opts.slice_bytes,
+                upload_concurrency=opts.upload_concurrency, ledger=ledger, resume=True)
 
 
-# -- the pipeline -------------------------------------------------------------------------
-def encode_slice(blocks: list[RecordBatch]) -> list[tuple]:
-    """Encode a slice of planned blocks: [(EncodedBlock, fixed fields, flagstat counts)]."""
-    return [encode_block(b) for b in blocks]
+def local_runner(jobs: list, *, store: Store, inp: AlignmentInput | None, opts: ConvertOptions) -> list:
+    """Run the shards one after the other in this process (each on ``threads`` threads)."""
+    from .stages import run_shard
+
+    out = []
+    done = {"records": 0, "bytes": 0}
+
+    def progress(info: dict) -> None:
+        if opts.progress:
+            opts.progress({**info, "records_total": done["records"] + info["records_total"],
+                           "bytes_total": done["bytes"] + info["bytes_total"]})
+
+    for job in jobs:
+        res = run_shard(job, store=store, inp=inp if job.kind == "stream" else None, progress=progress,
+                        warn=opts.warn)
+        done["records"] += res.n_records
+        done["bytes"] += sum(c.size for c in res.chunks)
+        out.append(res)
+    return out
 
 
-class ThreadExecutor:
-    """Runs the pipeline's steps on thread pools (the CLI's executor): encoding on
-    ``threads`` threads (zstd, the quality coder and large numpy operations release the
-    GIL), uploads on a pool bounded by the upload concurrency.
+def run_conversion(source: str, store: Store, opts: ConvertOptions, *, inp: AlignmentInput | None = None,
+                   spec: dict | None = None, runner=None, verify=None, commit=None, planner=None,
+                   workers: int | None = None, on_plan=None, source_store: dict | None = None) -> ConvertResult:
+    """plan -> shards -> verify -> commit (see :mod:`bams3.stages`).
 
-    Worker processes were tried and dropped: they re-import ``__main__`` (breaking unguarded
-    scripts and flows that call :func:`convert`) and cost ~150 MB each.
+    ``inp``: an open input (standard input, an S3 stream): one stream shard, run here.
+    ``spec``: the store as plain values for workers elsewhere (:func:`bams3.stages.store_spec`).
+    ``runner(jobs, store=, inp=, opts=)`` runs the shards and returns their results (default
+    :func:`local_runner`); ``verify(store, results)`` checks what they uploaded before the
+    commit; ``commit(writer, results)`` commits (default ``writer.commit_shards``).
+    ``planner`` replaces :func:`bams3.stages.plan` (the flow's ``plan`` task); ``on_plan(plan,
+    writer)`` is called once the run is prepared (the flow's progress); ``source_store``: the
+    store spec of an ``s3://`` source's bucket."""
+    from . import stages
 
-    The Prefect flow supplies another executor whose ``submit_*`` return Prefect futures of
-    the ``chunk`` and ``upload`` tasks; anything with ``.result()`` works.
-    """
-
-    def __init__(self, threads: int, upload_concurrency: int):
-        self.threads = max(1, threads)
-        self.upload_concurrency = max(1, upload_concurrency)
-        self._enc = ThreadPoolExecutor(self.threads, thread_name_prefix="encode")
-        self._up = ThreadPoolExecutor(self.upload_concurrency, thread_name_prefix="upload")
-
-    def submit_encode(self, blocks: list[RecordBatch]):
-        return self._enc.submit(encode_slice, blocks)
-
-    def submit_upload(self, writer: DatasetWriter, chunk: PlannedChunk):
-        return self._up.submit(writer.upload_chunk, chunk)
-
-    def shutdown(self, cancel: bool = False) -> None:
-        self._enc.shutdown(wait=True, cancel_futures=cancel)
-        self._up.shutdown(wait=True, cancel_futures=cancel)
+    t0 = time.time()
+    job = _job_fields(opts, ledger=True, source_store=source_store)
+    spec = spec or stages.store_spec(store.uri)
+    if inp is not None:
+        p = stages.Plan(source=source, identity=None, header_text=None, references=[],
+                        jobs=[stages.ShardJob(number=0, source=source, kind="stream", run_id="", store=spec,
+                                              **{**job, "ledger": False})])
+    else:
+        p = (planner or stages.plan)(source, job=job, store=spec, run_id="", shards=opts.shards, workers=workers,
+                        shard_bytes=opts.shard_bytes)
+        if p.identity is None:  # nothing identifies the content: no ledger, no resume
+            p.jobs = [dataclasses.replace(j, ledger=False) for j in p.jobs]
+    key = stages.resume_key(p, job)
+    run_id = stages.find_resumable(store, key) if opts.resume and key else None
+    resumed = run_id is not None
+    run_id = run_id or uuid.uuid4().hex[:16]
+    p.jobs = [dataclasses.replace(j, run_id=run_id) for j in p.jobs]
+    header = BamHeader(p.header_text or "", [Reference(n, l) for n, l in p.references])
+    writer = DatasetWriter(store, header, block_bytes=opts.block_bytes, chunk_bytes=opts.chunk_bytes,
+                           overwrite=opts.overwrite, sorted_by="input", source=source,
+                           keep_snapshots=opts.keep_snapshots, keep_days=opts.keep_days, extra=opts.extra,
+                           run_id=run_id)
+    try:
+        writer.prepare()
+        writer._swept()  # the shards write chunks: dead runs' leftovers are gone first
+        if key:
+            stages.write_resume_record(store, run_id, key, p)
+        if on_plan:
+            on_plan(p, writer)
+        results = (runner or local_runner)(p.jobs, store=store, inp=inp, opts=opts)
+        results = sorted(results, key=lambda r: r.number)
+        n = sum(r.n_records for r in results)
+        if p.index_records is not None and n != p.index_records:
+            raise DatasetError(f"{source}: the shards read {n} records but its index counts {p.index_records}; "
+                               "nothing was committed (a stale index? rebuild it with samtools index)")
+        stream = next((r for r in results if r.header_text is not None), None)
+        if stream is not None:  # the header as the stream shard read (and maybe sorted) it
+            writer.header = BamHeader(stream.header_text, [Reference(a, b) for a, b in stream.references])
+            writer.sorted_by = stream.sorted_by
+        if verify:
+            verify(store, results)
+        manifest = commit(writer, results) if commit else writer.commit_shards(results)
+    except BaseException as e:
+        if opts.resume and key and not isinstance(e, (InputError, DatasetError)):
+            writer.suspend()  # keep the uploaded chunks for the next --resume (bad input or a
+            # corrupt upload: nothing worth keeping)
+        else:
+            writer.abort()
+        raise
+    return ConvertResult(manifest=manifest, seconds=time.time() - t0, records=manifest.n_records,
+                         bytes_written=sum(c.size for c in manifest.chunks),
+                         spill_runs=sum(r.spill_runs for r in results), chunks=manifest.chunks,
+                         encoded_records=sum(r.encoded_records for r in results),
+                         reused_chunks=sum(r.reused_chunks for r in results), shards=len(results),
+                         resumed=resumed)
 
 
 def convert_stream(inp: AlignmentInput, store: Store, opts: ConvertOptions, *, source: str = "",
-                   executor=None, commit=None) -> ConvertResult:
-    """Run the conversion. ``executor`` runs encode/upload steps (default: threads);
-    ``commit(writer)`` commits the manifest (default: ``writer.commit()``)."""
-    t0 = time.time()
-    header = inp.header
-    # no reference (no @SQ lines: unaligned reads): every record is unplaced and keeps its input
-    # order and header; there is no position to sort by (FORMAT.md §4, sorted_by "unplaced")
-    unaligned = not header.references
-    already_sorted = unaligned or header_sort_order(header.text) == "coordinate"
-    if not already_sorted:
-        header.text = sorted_header_text(header.text)
-    sorted_by = "unplaced" if unaligned else "input" if already_sorted else "bams3"
-    writer = DatasetWriter(store, header, block_bytes=opts.block_bytes, chunk_bytes=opts.chunk_bytes,
-                           overwrite=opts.overwrite, sorted_by=sorted_by, source=source,
-                           keep_snapshots=opts.keep_snapshots, keep_days=opts.keep_days,
-                           extra=opts.extra)
-    threads = max(1, opts.threads)
-    upload_conc = opts.upload_concurrency or getattr(store, "concurrency", None) or 2 * threads
-    own_executor = executor is None
-    planner = BlockPlanner(opts.block_bytes, check_order=not unaligned)
-    assembler = ChunkAssembler(opts.chunk_bytes)
-    writers = [writer]  # a second one if the input turns out unsorted despite SO:coordinate
-    sorter = None
-    pending_enc: deque = deque()
-    pending_up: deque = deque()
-    state = {"written": 0}
+                   **kw) -> ConvertResult:
+    """Convert an open input (standard input, an S3 object's stream): one stream shard."""
     try:
-        writer.prepare()
-        if own_executor:
-            executor = ThreadExecutor(threads, upload_conc)
-        stream: Iterator[RecordBatch] = inp.batches()
-        if not already_sorted:
-            sorter = ExternalSorter(store, writer.run_id, opts.max_memory, wide=inp.wide)
-            stream = sorter.sort(stream)
-
-        def report(chunk: PlannedChunk, ref) -> None:
-            if opts.progress:
-                el = max(time.time() - t0, 1e-9)
-                opts.progress({"chunk": chunk.number, "bytes": ref.size, "records": ref.n_records,
-                               "records_total": writer.n_records, "bytes_total": state["written"],
-                               "elapsed": el, "records_per_s": writer.n_records / el})
-
-        def drain_uploads(limit: int) -> None:
-            while len(pending_up) > limit:
-                fut, chunk = pending_up.popleft()
-                ref = fut.result()
-                state["written"] += ref.size
-                report(chunk, ref)
-
-        def take_encoded(limit: int) -> None:
-            while len(pending_enc) > limit:
-                for block, fx, fs in pending_enc.popleft().result():
-                    writer.add_block_stats(fx, fs)
-                    chunk = assembler.add(block)
-                    if chunk is not None:
-                        submit_chunk(chunk)
-
-        def submit_chunk(chunk: PlannedChunk) -> None:
-            pending_up.append((executor.submit_upload(writer, chunk), chunk))
-            writer.add_index_rows(chunk)  # (may write an index object: overlaps the upload)
-            # chunks in flight are what memory holds; parallelism within a chunk comes from
-            # the store (multipart parts on `upload_conc` connections)
-            drain_uploads(MAX_CHUNKS_IN_FLIGHT)
-
-        slice_: list[RecordBatch] = []
-        slice_bytes = 0
-
-        def submit_slice() -> None:
-            nonlocal slice_, slice_bytes
-            if slice_:
-                pending_enc.append(executor.submit_encode(slice_))
-                slice_, slice_bytes = [], 0
-                take_encoded(2 * threads)
-
-        def add_blocks(blocks) -> None:
-            nonlocal slice_bytes
-            for blk in blocks:
-                slice_.append(blk)
-                slice_bytes += len(blk.raw())
-                if slice_bytes >= opts.slice_bytes:
-                    submit_slice()
-
-        def finish_blocks() -> None:
-            add_blocks(list(planner.flush()))
-            submit_slice()
-            take_encoded(0)
-            last = assembler.flush()
-            if last is not None:
-                submit_chunk(last)
-            drain_uploads(0)
-
-        unsorted_at = None
-        for batch in stream:
-            try:
-                add_blocks(list(planner.feed(batch)))
-            except OrderError as e:
-                unsorted_at = (batch, e)
-                break
-        if unsorted_at is not None:
-            # The header said SO:coordinate, but it is not so. What was written is a sorted
-            # prefix: finish it, sort the rest, and write a new run from the merge of the two.
-            batch, e = unsorted_at
-            (opts.warn or stderr_warning)(f"{inp.name}: the header says SO:coordinate but the {e}; sorting them")
-            if e.in_order:
-                add_blocks(list(planner.feed(batch.slice(0, e.in_order))))
-            finish_blocks()
-            prefix = writer
-            writer = DatasetWriter(store, BamHeader(sorted_header_text(header.text), header.references),
-                                   block_bytes=opts.block_bytes, chunk_bytes=opts.chunk_bytes,
-                                   overwrite=opts.overwrite, sorted_by="bams3", source=source,
-                                   keep_snapshots=opts.keep_snapshots, keep_days=opts.keep_days,
-                                   extra=opts.extra)
-            writers.append(writer)
-            writer.prepare()
-            planner = BlockPlanner(opts.block_bytes)
-            assembler = ChunkAssembler(opts.chunk_bytes)
-            state["written"] = 0
-            sorter = ExternalSorter(store, writer.run_id, opts.max_memory)
-            rest = itertools.chain([batch.slice(e.in_order, len(batch))], stream)
-            for b in merge_sorted([read_back(prefix), sorter.sort(rest)]):
-                add_blocks(list(planner.feed(b)))
-        finish_blocks()
-        manifest = commit(writer) if commit else writer.commit()
-        if len(writers) > 1:
-            writers[0].abort()  # the prefix run: its records are in the committed run
-    except BaseException:
-        for f in pending_enc:
-            f.cancel()
-        for f, _ in pending_up:
-            f.cancel()
-        if own_executor and executor is not None:
-            executor.shutdown(cancel=True)
-        for w in writers:
-            if w.run_id and w.prepared:
-                w.abort()
-        raise
+        return run_conversion(source or inp.name, store, opts, inp=inp, **kw)
     finally:
         inp.close()
-    if own_executor:
-        executor.shutdown()
-    return ConvertResult(manifest=manifest, seconds=time.time() - t0, records=writer.n_records,
-                         bytes_written=state["written"], spill_runs=len(sorter.runs) if sorter else 0,
-                         chunks=manifest.chunks)
 
 
-def convert(source: str, store: Store, opts: ConvertOptions | None = None, *, stdin=None, executor=None,
-            commit=None) -> ConvertResult:
+def convert(source: str, store: Store, opts: ConvertOptions | None = None, *, stdin=None, **kw) -> ConvertResult:
     """Convert ``source`` (path or ``-``) into a dataset on ``store``."""
     opts = opts or ConvertOptions()
-    inp = open_input(source, reference=opts.reference, threads=opts.threads, stdin=stdin)
-    return convert_stream(inp, store, opts, source="stdin" if source == "-" else source, executor=executor,
-                          commit=commit)
+    if source == "-":
+        inp = open_input(source, reference=opts.reference, threads=opts.threads, stdin=stdin)
+        return convert_stream(inp, store, opts, source="stdin", **kw)
+    return run_conversion(source, store, opts, **kw)
 
 
 def stderr_progress(info: dict) -> None:

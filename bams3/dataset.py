@@ -31,11 +31,11 @@ import numpy as np
 from bams3core import layout
 from bams3core.bam import FLAG_UNMAP, BamHeader, RecordBatch, Reference
 from bams3core.codec import (PLAIN_STREAMS, STREAM_NAMES, BlockColumns, BlockEncoder, CodecError, EncodedBlock,
-                             assemble_records, frame_self_checked, split_streams, streams_for)
+                             assemble_records, decode_block, frame_self_checked, split_streams, streams_for)
 from bams3core.index import (ENTRY_DTYPE, ENTRY_DTYPE_WIDE, FORMAT_VERSION, FORMAT_VERSION_WIDE, HEADER_KEY,
                              MANIFEST_KEY, IndexError_, IndexPage, Manifest, ObjectRef,
                              decode_index, encode_index_pages, narrow_entries, select_pages, widen_entries)
-from bams3core.planner import PlannedChunk, index_entries
+from bams3core.shards import merge_rows
 from bams3core.query import RangeRead, overlap_mask, plan_reads, select_blocks
 from bams3core.regions import Region, RegionError, parse_region
 from bams3core.stats import StatsAccumulator, flagstat_counts
@@ -82,8 +82,8 @@ def run_prefix(run_id: str) -> str:
 class DatasetWriter:
     """Writes one run of a dataset; :meth:`commit` makes it visible.
 
-    Thread-safety: :meth:`upload_chunk` may run on several threads; the rest is called from
-    the orchestrating thread in record order.
+    The shards of the run (:mod:`bams3.stages`) upload its chunks, anywhere; this object holds
+    the run's lease in the orchestrating process and commits their results.
     """
 
     def __init__(self, store: Store, header: BamHeader, *, block_bytes: int, chunk_bytes: int,
@@ -167,40 +167,31 @@ class DatasetWriter:
         if self._sweeper is not None:
             self._sweeper.result()
 
-    def chunk_key(self, number: int) -> str:
-        return f"{self.prefix}chunks/{number:06d}.b3c"
+    def commit_shards(self, results: list) -> Manifest:
+        """Commit the chunks the shards of this run uploaded (:class:`bams3.stages.ShardResult`,
+        any order): chunks concatenated in shard order, their index rows pointed at the chunks'
+        positions (:func:`bams3core.shards.merge_rows`), statistics summed; then :meth:`commit`."""
+        results = sorted(results, key=lambda r: r.number)
+        numbers = [n for r in results for n in r.numbers]
+        refs = [c for r in results for c in r.chunks]
+        rows = merge_rows([r.rows for r in results], numbers)
+        self.chunks = dict(enumerate(refs))
+        st = self.stats = StatsAccumulator(n_refs=len(self.header.references))
+        for r in results:
+            st.flagstat += np.asarray(r.flagstat, dtype=np.int64)
+            if st.n_refs:
+                st.mapped += np.asarray(r.mapped, dtype=np.int64)
+                st.unmapped += np.asarray(r.unmapped, dtype=np.int64)
+            st.unplaced += r.unplaced
+        self.n_records = sum(r.n_records for r in results)
+        self.wide = any(r.wide for r in results)
+        self.index, self._rows, self._rows_ref = [], [], None
+        if len(rows):
+            self._add_rows(rows)
+        return self.commit()
 
-    def add_block_stats(self, fx: np.ndarray, flagstat: np.ndarray) -> None:
-        refid = fx["refid"].astype(np.int64)
-        st = self.stats
-        st.flagstat += flagstat
-        unm = (fx["flag"] & FLAG_UNMAP) != 0
-        placed = refid >= 0
-        if st.n_refs:
-            st.mapped += np.bincount(refid[placed & ~unm], minlength=st.n_refs)[:st.n_refs]
-            st.unmapped += np.bincount(refid[placed & unm], minlength=st.n_refs)[:st.n_refs]
-        st.unplaced += int(np.count_nonzero(~placed))
-        self.n_records += len(fx)
-
-    def upload_chunk(self, chunk: PlannedChunk) -> ObjectRef:
-        """Upload one chunk object (idempotent: same key, same bytes) and index its blocks."""
-        self._swept()
-        payload = chunk.payload()  # joined once and kept (a retried upload sends the same bytes)
-        key = self.chunk_key(chunk.number)
-        info = self.store.set(key, payload, content_type="application/octet-stream", kind="chunk")
-        ref = ObjectRef(key=key, size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
-                        etag=info.etag if getattr(self.store, "supports_if_match", False) else None,
-                        n_blocks=len(chunk.blocks), n_records=sum(b.n_records for b in chunk.blocks))
-        with self._lock:
-            self.chunks[chunk.number] = ref
-        return ref
-
-    def add_index_rows(self, chunk: PlannedChunk) -> None:
-        """Record the chunk's blocks in the index (call in chunk order)."""
-        rows = index_entries(chunk)
-        if rows.dtype == ENTRY_DTYPE_WIDE and rows["layout"].any():
-            self.wide = True
-        # rows are in record order; flush an index object whenever the reference changes
+    def _add_rows(self, rows: np.ndarray) -> None:
+        """Index rows in record order: one index object per reference."""
         start = 0
         refs = rows["ref_id"]
         for i in range(1, len(rows) + 1):
@@ -211,14 +202,6 @@ class DatasetWriter:
                 self._rows_ref = r
                 self._rows.append(rows[start:i])
                 start = i
-
-    def block_rows(self) -> Iterator[np.ndarray]:
-        """Index rows of every block recorded so far, in record order (index objects already
-        written are read back)."""
-        for ref in self.index:
-            yield decode_index(self.store.get(ref.key))
-        if self._rows:
-            yield np.concatenate(self._rows)
 
     def _flush_index(self) -> None:
         if self._rows_ref is None or not self._rows:
@@ -249,9 +232,9 @@ class DatasetWriter:
         htext = self.header.text.encode("utf-8", errors="surrogateescape")
         hkey = f"{self.prefix}{HEADER_KEY}"
         self.store.set(hkey, htext)
-        chunks = [self.chunks[i] for i in sorted(self.chunks)]
-        if [int(c.key.rsplit("/", 1)[1].split(".")[0]) for c in chunks] != list(range(len(chunks))):
+        if sorted(self.chunks) != list(range(len(self.chunks))):
             raise DatasetError("internal error: missing chunk uploads")
+        chunks = [self.chunks[i] for i in range(len(self.chunks))]
         st = self.stats
         manifest = Manifest(
             references=[{"name": r.name, "length": r.length} for r in self.header.references],
@@ -322,6 +305,20 @@ class DatasetWriter:
             try:
                 self.lease.end()
             except Exception:  # noqa: BLE001 - a stale lease of a finished run is removed later
+                self.lease.stop()
+
+    def suspend(self) -> None:
+        """Stop without removing anything: the run's chunks stay for ``--resume``; its lease is
+        marked failed so that a resumed conversion may take the run over at once (and, left
+        alone, it is a dead run's, removed by a later sweep or ``bams3 cleanup``)."""
+        if self.committed:
+            return
+        if self._sweeper is not None:
+            futures_wait([self._sweeper])
+        if self.lease is not None:
+            try:
+                self.lease.fail()
+            except Exception:  # noqa: BLE001
                 self.lease.stop()
 
     def abort(self) -> None:

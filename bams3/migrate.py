@@ -9,8 +9,8 @@ One implementation for the CLI and the flow:
 * :func:`decide` compares that identity with the one the destination's manifest records
   (``extra.source``, FORMAT.md §3.1): the same -> skip; another size/mtime/ETag of the same
   source -> convert again (overwrite); no dataset -> convert.
-* :func:`migrate_one` converts one file with :func:`bams3.convert.convert_stream` (the flow
-  passes its Prefect executor and commit, as ``convert-to-s3`` does), then optionally compares
+* :func:`migrate_one` converts one file with :func:`bams3.convert.run_conversion` (the flow
+  passes its Prefect stages, as ``convert-to-s3`` does), then optionally compares
   the dataset record for record with the source and deletes the source. It never raises for a
   bad input: the outcome says ``failed`` with a one-line reason, and the next file goes on.
 """
@@ -29,9 +29,9 @@ from typing import Callable, Iterator
 
 from bams3core.index import MANIFEST_KEY, IndexError_, Manifest
 
-from .convert import ConvertOptions, convert_stream
+from .convert import ConvertOptions, run_conversion
 from .errors import Bams3Error, InputError, NotFound
-from .inputs import open_input
+from .stages import store_spec
 from .store import Store, open_store, parse_uri
 
 #: names of the inputs migrate picks up (case-insensitive)
@@ -184,28 +184,21 @@ def decide(item: Item, store: Store) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-def convert_item(item: Item, store: Store, opts: ConvertOptions, *, executor=None, commit=None,
-                 s3_options: dict | None = None):
-    """Convert one input (local file, or an S3 object streamed) with its identity in the manifest."""
+def convert_item(item: Item, store: Store, opts: ConvertOptions, *, s3_options: dict | None = None, **kw):
+    """Convert one input (local file, or an S3 object streamed by its shard) with its identity
+    in the manifest. ``kw``: :func:`bams3.convert.run_conversion` arguments (the flow's stages)."""
     if item.source.startswith("s3://"):
-        _scheme, bucket, key = parse_uri(item.source)
-        with open_store(f"s3://{bucket}", **(s3_options or {})) as src:
-            reader = src.open_read(key)
-            try:
-                inp = open_input("-", reference=opts.reference, threads=opts.threads, stdin=reader)
-                inp.name = item.source
-                return convert_stream(inp, store, opts, source=item.source, executor=executor, commit=commit)
-            finally:
-                reader.close()
-    inp = open_input(item.source, reference=opts.reference, threads=opts.threads)
-    return convert_stream(inp, store, opts, source=item.source, executor=executor, commit=commit)
+        _scheme, bucket, _key = parse_uri(item.source)
+        kw.setdefault("source_store", store_spec(f"s3://{bucket}", **(s3_options or {})))
+    return run_conversion(item.source, store, opts, **kw)
 
 
 def migrate_one(item: Item, base: ConvertOptions, *, store_options: dict | None = None,
-                s3_options: dict | None = None, delete_source: bool = False, executor=None, commit=None,
-                reference: str | None = None) -> Outcome:
+                s3_options: dict | None = None, delete_source: bool = False, reference: str | None = None,
+                stages: dict | None = None) -> Outcome:
     """Skip, convert (or convert again), verify and delete one input. Never raises an
-    ``Exception``: any becomes a ``failed`` outcome with one line (KeyboardInterrupt stops)."""
+    ``Exception``: any becomes a ``failed`` outcome with one line (KeyboardInterrupt stops).
+    ``stages``: :func:`bams3.convert.run_conversion` arguments (the flow's tasks)."""
     t0 = time.time()
     try:
         with open_store(item.dest, **(store_options or {})) as store:
@@ -217,7 +210,7 @@ def migrate_one(item: Item, base: ConvertOptions, *, store_options: dict | None 
             else:
                 opts = replace(base, overwrite=action == "reconvert", extra={"source": item.identity()},
                                progress=None)
-                res = convert_item(item, store, opts, executor=executor, commit=commit, s3_options=s3_options)
+                res = convert_item(item, store, opts, s3_options=s3_options, **(stages or {}))
                 m = res.manifest
                 out = Outcome(item, "converted", note, records=res.records,
                               dataset_bytes=sum(c.size for c in m.chunks) + sum(i.size for i in m.index)

@@ -41,10 +41,13 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _body(self) -> bytes:
-        return (json.dumps({"run_id": self.run_id, "tool": f"bams3 {__version__}", "host": socket.gethostname(),
-                            "pid": os.getpid(), "started": round(self.started, 3), "heartbeat": round(time.time(), 3),
-                            "ttl": self.ttl}) + "\n").encode()
+    def _body(self, failed: bool = False) -> bytes:
+        body = {"run_id": self.run_id, "tool": f"bams3 {__version__}", "host": socket.gethostname(),
+                "pid": os.getpid(), "started": round(self.started, 3), "heartbeat": round(time.time(), 3),
+                "ttl": self.ttl}
+        if failed:
+            body["failed"] = True  # stopped for good: `--resume` may take the run over at once
+        return (json.dumps(body) + "\n").encode()
 
     def beat(self) -> None:
         t = time.time()
@@ -72,6 +75,11 @@ class Lease:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+
+    def fail(self) -> None:
+        """Stop refreshing and mark the lease failed (the run's objects stay, for a resume)."""
+        self.stop()
+        self.store.set(self.key, self._body(failed=True), content_type="application/json")
 
     def end(self) -> None:
         """Stop refreshing and delete the lease (the run's other objects must be gone or

@@ -30,6 +30,8 @@ _OBJECT_RES = [re.compile(p) for p in (
     rf"^data/({RUN_ID})/index/(?:0|[1-9][0-9]*|unplaced)\.b3i$",
     rf"^data/({RUN_ID})/chunks/[0-9]{{6,}}\.b3c$",
     rf"^_tmp/({RUN_ID})/run-[0-9]{{6,}}$",
+    rf"^_tmp/({RUN_ID})/chunk-[0-9]{{6,}}\.json$",  # the resume ledger (bams3.stages)
+    rf"^_tmp/({RUN_ID})/resume\.json$",
 )]
 _LEASE_RE = re.compile(rf"^runs/({RUN_ID})\.json$")
 _SNAPSHOT_RE = re.compile(rf"^snapshots/({RUN_ID})\.json$")

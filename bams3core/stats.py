@@ -123,8 +123,9 @@ class StatsAccumulator:
             self.mapped = np.zeros(self.n_refs, dtype=np.int64)
             self.unmapped = np.zeros(self.n_refs, dtype=np.int64)
 
-    def add(self, fixed: np.ndarray) -> None:
-        self.flagstat += flagstat_counts(fixed)
+    def add(self, fixed: np.ndarray, flagstat: np.ndarray | None = None) -> None:
+        """Count ``fixed`` (its flagstat counts may be given, already computed)."""
+        self.flagstat += flagstat_counts(fixed) if flagstat is None else flagstat
         refid = fixed["refid"].astype(np.int64)
         placed = refid >= 0
         unm = (fixed["flag"] & FLAG_UNMAP) != 0

@@ -24,13 +24,13 @@ if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
-from bench import data, measure, report, util  # noqa: E402
+from bench import data, measure, report, scale, util  # noqa: E402
 from bench.s3 import BUCKET, S3Env  # noqa: E402
 from bench.util import log  # noqa: E402
 
-SECTIONS = ("convert", "size", "s3convert", "query", "stats", "sweep", "startup")
+SECTIONS = ("convert", "size", "s3convert", "query", "stats", "sweep", "startup", "scale")
 ROW_ORDER = ("size", "convert throughput", "peak memory", "convert to S3", "query", "stats",
-             "start-up", "upload sweep")
+             "start-up", "upload sweep", "scale")
 
 FULL = dict(pairs=500_000, repeat=3, sweep_repeat=2, max_memory="64M", timeout=1800,
             part_sizes="5,8,16", concurrency="1,2,4")
@@ -77,7 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in d.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
-    a.only = set(a.only.split(",")) if a.only else set(SECTIONS)
+    # --quick leaves the scale rows out unless asked for (`--quick --only scale`): they start a
+    # Prefect server and Dask clusters, minutes that tests/test_bench_quick.py need not spend
+    a.only = set(a.only.split(",")) if a.only else set(SECTIONS) - ({"scale"} if a.quick else set())
     bad = a.only - set(SECTIONS)
     if bad:
         p.error(f"unknown sections: {', '.join(sorted(bad))}")
@@ -209,6 +211,8 @@ def main(argv=None) -> int:
                          env=dict(measure.base_env(), BAMS3_CACHE_DIR=str(work / "c")))
                 ctx.local_dataset_bytes = util.dir_size(dst)
             measure.sizes(ctx)
+        if "scale" in a.only and bams3.ok:
+            scale.measure(ctx)  # flow vs CLI, Dask workers, resume after kill -9, migrate twice
     except KeyboardInterrupt:
         harness_error = "interrupted"
         log("interrupted")

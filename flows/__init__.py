@@ -9,9 +9,9 @@ Each runs as a plain Python call (Prefect starts a temporary local server if non
 configured), or deployed with deployments/prefect.yaml.
 """
 
-from flows.convert import PrefectExecutor, convert_to_s3
+from flows.convert import convert_to_s3
 from flows.migrate import migrate
 from flows.storage import storage_report
 from flows.verify import verify_dataset_flow
 
-__all__ = ["convert_to_s3", "verify_dataset_flow", "storage_report", "migrate", "PrefectExecutor"]
+__all__ = ["convert_to_s3", "verify_dataset_flow", "storage_report", "migrate"]

@@ -2,7 +2,7 @@
 
 The same implementation as ``bams3 migrate`` (:mod:`bams3.migrate`): :func:`discover` lists
 the inputs, and each file goes through :func:`bams3.migrate.migrate_one`, which skips a source
-its destination already records, converts the others with :func:`bams3.convert.convert_stream`
+its destination already records, converts the others with :func:`bams3.convert.run_conversion`
 and (``delete_source``) compares the dataset with the source before deleting it. Here the
 conversion's steps run as the Prefect tasks ``chunk`` (tag ``bams3-encode``) and ``upload``
 (tag ``bams3-s3-upload``), every uploaded chunk is ``verify``-ed before the commit, exactly as
@@ -28,7 +28,8 @@ from bams3.errors import Bams3Error
 from bams3core.planner import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK_BYTES
 
 from flows.common import artifact_key, aws_options, human_bytes, md_table, parse_size
-from flows.convert import MAX_WORKERS, PrefectExecutor, _cleanup_after_failure, make_commit
+from bams3.stages import store_spec
+from flows.convert import MAX_WORKERS, prefect_stages
 
 
 class MigrateFailed(Bams3Error):
@@ -80,14 +81,19 @@ def migrate(
     prog = mig.Progress(items)
     art = create_progress_artifact(progress=0.0, key=key + "-progress",
                                    description=f"Migrating {len(items)} file(s) to {destination}")
-    commit = make_commit(verify_mode, window=max(2, MAX_WORKERS))
     outcomes = []
     for it in items:
-        executor = PrefectExecutor()
+        # the shard tasks open stores from plain values: the credentials block by name
+        spec = store_spec(it.dest, region=region, aws_credentials_block=aws_credentials_block,
+                          concurrency=store_opts["concurrency"], storage_class=store_opts.get("storage_class"))
+        stages = prefect_stages(verify_mode, None, spec)
+        stages["spec"] = spec
+        if it.source.startswith("s3://"):
+            stages["source_store"] = store_spec("s3://" + it.source[5:].split("/", 1)[0], region=region,
+                                                aws_credentials_block=aws_credentials_block)
         out = mig.migrate_one(it, base, store_options=store_opts, s3_options=aws, delete_source=delete_source,
-                              executor=executor, commit=commit, reference=reference)
+                              reference=reference, stages=stages)
         if out.status == "failed":
-            _cleanup_after_failure(executor)
             log.error("%s: %s", it.source, out.reason)
         else:
             log.info("%s: %s -> %s%s", it.source, out.status, it.dest, f" ({out.reason})" if out.reason else "")

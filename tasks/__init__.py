@@ -1,11 +1,12 @@
 """Prefect tasks over bams3: thin wrappers of the one implementation in ``bams3``/``bams3core``.
 
-Pipeline (used by the ``convert-to-s3`` flow through :class:`flows.convert.PrefectExecutor`):
+Conversion stages (the ``convert-to-s3`` and ``migrate`` flows; plain values in and out):
 
-* ``chunk``  -- encode a slice of planned blocks (tag ``bams3-encode``)
-* ``upload`` -- upload one chunk object, idempotent (tag ``bams3-s3-upload``)
-* ``verify`` -- re-read one uploaded chunk, or a whole/sampled dataset (tag ``bams3-s3-read``)
-* ``index``  -- write index, header and the manifest: the commit
+* ``plan``         -- the shards of a source (in the flow's process)
+* ``shard``        -- encode and upload one shard (tags ``bams3-encode``, ``bams3-s3-upload``)
+* ``verify_shard`` -- re-read the chunks a shard uploaded (tag ``bams3-s3-read``)
+* ``commit``       -- index objects, header and the manifest (in the flow's process)
+* ``verify``       -- re-read one chunk, or a whole/sampled dataset (tag ``bams3-s3-read``)
 
 Storage (``verify-dataset``, ``storage-report``): ``find_datasets``, ``inventory``,
 ``profile``, ``lifecycle``.
@@ -13,9 +14,9 @@ Storage (``verify-dataset``, ``storage-report``): ``find_datasets``, ``inventory
 I/O tasks retry transient errors only, with exponential backoff and jitter (:mod:`tasks.retry`).
 """
 
-from .pipeline import TAG_ENCODE, TAG_READ, TAG_UPLOAD, chunk, index, upload, verify
+from .pipeline import TAG_ENCODE, TAG_READ, TAG_UPLOAD, commit, plan, shard, verify, verify_shard
 from .retry import is_transient, retry_on_transient
 from .storage import find_datasets, inventory, lifecycle, profile
 
-__all__ = ["chunk", "upload", "verify", "index", "find_datasets", "inventory", "profile", "lifecycle",
+__all__ = ["plan", "shard", "verify_shard", "commit", "verify", "find_datasets", "inventory", "profile", "lifecycle",
            "is_transient", "retry_on_transient", "TAG_ENCODE", "TAG_UPLOAD", "TAG_READ"]

@@ -1,35 +1,38 @@
-"""The conversion pipeline's steps as Prefect tasks: ``chunk``, ``upload``, ``verify``, ``index``.
+"""The conversion's stages as Prefect tasks: ``plan``, ``shard``, ``verify_shard``, ``commit``
+(plus ``verify``, used by the ``verify-dataset`` flow).
 
-Each task is a thin wrapper over the one implementation in :mod:`bams3.convert` /
-:mod:`bams3.dataset` / :mod:`bams3.verify`; the ``convert-to-s3`` flow plugs them into
-:func:`bams3.convert.convert` through :class:`PrefectExecutor`.
+Each task is a thin wrapper over the one implementation in :mod:`bams3.stages` /
+:mod:`bams3.dataset` / :mod:`bams3.verify`; the ``convert-to-s3`` flow hands them to
+:func:`bams3.convert.run_conversion`, the driver ``bams3 convert`` runs too.
 
-* Inputs are large (a ~16 MB chunk payload, a few MB of record blocks) and live only in memory:
-  every task uses ``cache_policy=NONE`` (no input hashing) and ``persist_result=False``, and
-  the flow passes big arguments wrapped in :func:`prefect.utilities.annotations.quote` so
-  Prefect does not walk them looking for futures.
+* ``shard`` and ``verify_shard`` take and return plain values (a :class:`bams3.stages.ShardJob`
+  with the store as a spec, a :class:`bams3.stages.ShardResult`): any task runner runs them —
+  threads, a Dask cluster, Ray. Each opens its own store (S3 credentials from the
+  ``AwsCredentials`` block the spec names, else the worker's environment).
+* ``plan`` and ``commit`` run in the flow's process (called, not submitted): ``commit`` holds
+  the run's lease and writes the manifest.
+* Results are large (index rows) and only needed by the flow run: ``cache_policy=NONE`` and
+  ``persist_result=False``. Resuming is the ledger's job (:mod:`bams3.stages`), so a retried
+  ``shard`` reuses the chunks its failed attempt uploaded.
 * Tags let Prefect concurrency limits cap the work across flow runs and workers:
-  ``bams3-encode`` (CPU: encoding blocks), ``bams3-s3-upload`` (S3 writes),
-  ``bams3-s3-read`` (S3 reads by verification). See docs/PREFECT.md.
-* I/O tasks retry transient failures only (:mod:`tasks.retry`); encoding is deterministic
-  CPU work and is not retried.
+  ``bams3-encode`` (CPU: a shard encodes), ``bams3-s3-upload`` (a shard uploads),
+  ``bams3-s3-read`` (verification reads). See docs/PREFECT.md.
+* I/O tasks retry transient failures only (:mod:`tasks.retry`).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from bams3.convert import encode_slice
+from bams3 import stages
 from bams3.dataset import Dataset, DatasetWriter
 from bams3.errors import DatasetError, NotFound, PreconditionFailed
-from bams3.store import Store
+from bams3.store import Store, open_store
 from bams3.verify import verify_dataset
 from bams3core.index import MANIFEST_KEY, IndexError_, Manifest, ObjectRef
-from bams3core.planner import PlannedChunk
 
 from .retry import retry_options
 
@@ -40,15 +43,34 @@ TAG_READ = "bams3-s3-read"
 _NO_CACHE = dict(cache_policy=NONE, persist_result=False)
 
 
+def open_spec(spec: dict) -> Store:
+    """A store from a spec (:func:`bams3.stages.store_spec`); ``aws_credentials_block`` in its
+    options names a prefect-aws ``AwsCredentials`` block, loaded here (on the worker)."""
+    opts = dict(spec.get("options", {}))
+    block = opts.pop("aws_credentials_block", None)
+    if block:
+        from flows.common import aws_options
+
+        opts = {**aws_options(block, opts.pop("region", None)), **opts}
+    return open_store(spec["uri"], **{k: v for k, v in opts.items() if v is not None})
+
+
 def _unquote(value):
     return value.unquote() if hasattr(value, "unquote") else value
 
 
-def _upload_run_name(parameters: dict) -> str:
+def _shard_run_name(parameters: dict) -> str:
     try:
-        return f"upload-{_unquote(parameters['planned']).number:06d}"
+        return f"shard-{_unquote(parameters['job']).number:04d}"
     except Exception:  # noqa: BLE001 - a name is cosmetic
-        return "upload"
+        return "shard"
+
+
+def _verify_shard_run_name(parameters: dict) -> str:
+    try:
+        return f"verify-shard-{_unquote(parameters['result']).number:04d}"
+    except Exception:  # noqa: BLE001
+        return "verify-shard"
 
 
 def _verify_run_name(parameters: dict) -> str:
@@ -62,18 +84,33 @@ def _verify_run_name(parameters: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-@task(name="chunk", tags=[TAG_ENCODE], retries=0, **_NO_CACHE)
-def chunk(blocks: list) -> list[tuple]:
-    """Encode a slice of planned blocks (``encode_slice``): [(EncodedBlock, fixed, flagstat)]."""
-    return encode_slice(blocks)
+@task(name="plan", **retry_options(), **_NO_CACHE)
+def plan(source: str, job: dict, store: dict, run_id: str, shards: int | None = None, workers: int | None = None,
+         shard_bytes: int = stages.DEFAULT_SHARD_BYTES) -> stages.Plan:
+    """The shards of converting ``source`` (:func:`bams3.stages.plan`)."""
+    p = stages.plan(source, job=job, store=store, run_id=run_id, shards=shards, workers=workers,
+                    shard_bytes=shard_bytes)
+    get_run_logger().info("plan: %d shard(s) of %s (%s)", len(p.jobs), source,
+                          "key ranges of the indexed BAM" if p.sharded else "one stream")
+    return p
 
 
-@task(name="upload", tags=[TAG_UPLOAD], task_run_name=_upload_run_name, **retry_options(), **_NO_CACHE)
-def upload(writer: DatasetWriter, planned: PlannedChunk) -> ObjectRef:
-    """Upload one chunk object; idempotent (same key, same bytes), so a retry is safe."""
-    ref = writer.upload_chunk(planned)
-    get_run_logger().debug("uploaded %s (%d bytes, %d records)", ref.key, ref.size, ref.n_records)
-    return ref
+@task(name="shard", tags=[TAG_ENCODE, TAG_UPLOAD], task_run_name=_shard_run_name, **retry_options(), **_NO_CACHE)
+def shard(job: stages.ShardJob) -> stages.ShardResult:
+    """Encode and upload one shard (:func:`bams3.stages.run_shard`). A retry after a transient
+    error reuses the chunks the failed attempt uploaded (the ledger) and encodes the rest."""
+    res = stages.run_shard(job, opener=open_spec)
+    get_run_logger().info("shard %d: %d records in %d chunks (%d reused) in %.1f s", job.number, res.n_records,
+                          len(res.chunks), res.reused_chunks, res.seconds)
+    return res
+
+
+@task(name="verify_shard", tags=[TAG_READ], task_run_name=_verify_shard_run_name, **retry_options(), **_NO_CACHE)
+def verify_shard(store: dict, result: stages.ShardResult, mode: str = "read") -> int:
+    """Read back every chunk a shard uploaded (``read``: size and SHA-256; ``head``: size and
+    ETag). A mismatch raises DatasetError (never retried): nothing is committed."""
+    with open_spec(store) as st:
+        return stages.verify_chunks(st, result.chunks, mode)
 
 
 @task(name="verify", tags=[TAG_READ], task_run_name=_verify_run_name, **retry_options(), **_NO_CACHE)
@@ -81,38 +118,14 @@ def verify(store: Store, ref: ObjectRef | None = None, *, chunks: list[int] | No
            decode: bool = True, mode: str = "read") -> dict:
     """Re-read and check what was written.
 
-    * ``ref`` given: one uploaded chunk object. ``mode="read"`` reads it back and compares
-      size and SHA-256 with the :class:`ObjectRef`; ``mode="head"`` compares size and ETag
-      only (cheap; the upload's CRC32 was already checked by S3). A mismatch raises
-      :class:`DatasetError` (never retried): the manifest must not be committed.
+    * ``ref`` given: one chunk object (:func:`bams3.stages.verify_chunks`).
     * ``ref`` None: the whole dataset on ``store`` (or only ``chunks``, a sample) with
       :func:`bams3.verify.verify_dataset`; returns the report (``ok`` False if corrupt).
     """
     if ref is not None:
-        return _verify_object(store, ref, mode)
+        stages.verify_chunks(store, [ref], mode)
+        return {"key": ref.key, "size": ref.size, "sha256": ref.sha256, "mode": mode, "ok": True}
     return _verify_dataset(store, chunks, decode)
-
-
-def _verify_object(store: Store, ref: ObjectRef, mode: str) -> dict:
-    where = f"{store.uri}/{ref.key}"
-    try:
-        if mode == "head":
-            info = store.head(ref.key)
-            size, digest = info.size, None
-            if ref.etag and info.etag and info.etag != ref.etag:
-                raise DatasetError(f"{where}: ETag {info.etag} != uploaded {ref.etag} (object replaced?)")
-        elif mode == "read":
-            data = store.get(ref.key)
-            size, digest = len(data), hashlib.sha256(data).hexdigest()
-        else:
-            raise ValueError(f"unknown verify mode {mode!r}: use 'read' or 'head'")
-    except NotFound:
-        raise DatasetError(f"{where}: missing right after its upload") from None
-    if size != ref.size:
-        raise DatasetError(f"{where}: {size} bytes stored, {ref.size} uploaded (corrupt upload)")
-    if digest is not None and digest != ref.sha256:
-        raise DatasetError(f"{where}: SHA-256 of the stored object differs from the uploaded bytes (corrupt upload)")
-    return {"key": ref.key, "size": size, "sha256": ref.sha256, "mode": mode, "ok": True}
 
 
 def _verify_dataset(store: Store, chunks: list[int] | None, decode: bool) -> dict:
@@ -131,16 +144,17 @@ def _verify_dataset(store: Store, chunks: list[int] | None, decode: bool) -> dic
     return out
 
 
-@task(name="index", **retry_options(), **_NO_CACHE)
-def index(writer: DatasetWriter) -> Manifest:
-    """Write the remaining index objects, the header and — last — the manifest (the commit).
+@task(name="commit", **retry_options(), **_NO_CACHE)
+def commit(writer: DatasetWriter, results: list) -> Manifest:
+    """Write the index objects, the header and — last — the manifest (the commit), from the
+    shards' results (:meth:`bams3.dataset.DatasetWriter.commit_shards`).
 
     Safe to retry: if an earlier attempt already wrote this run's manifest (and then failed,
     e.g. while removing the previous run), the conditional write's PreconditionFailed is
     recognised and the committed manifest returned.
     """
     try:
-        manifest = writer.commit()
+        manifest = writer.commit_shards(results)
     except PreconditionFailed:
         manifest = _committed_by(writer)
         if manifest is None:

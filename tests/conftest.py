@@ -91,3 +91,15 @@ def flaky_proxy(s3_env, monkeypatch):
         yield proxy
     finally:
         proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """One in-process Dask cluster (2 workers x 1 thread) for the session; yields its address."""
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                       dashboard_address=None)
+    try:
+        yield cluster.scheduler_address
+    finally:
+        cluster.close()

@@ -220,7 +220,7 @@ def test_a_run_keeps_its_lease_fresh_and_will_not_commit_without_it(small_bam, t
     ds = tmp_path / "ds"
     beats = []
 
-    def commit(writer):
+    def commit(writer, results):
         lease = ds / "runs" / f"{writer.run_id}.json"
         first = json.loads(lease.read_text())["heartbeat"]
         time.sleep(0.5)

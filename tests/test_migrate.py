@@ -268,7 +268,7 @@ def test_migrate_flow(prefect_harness, s3_env, archive, tmp_path):
     for rel in GOOD:
         assert query(f"{dest}/{rel}.bams3", tmp_path) == expected_sam(archive / rel, tmp_path), rel
     names = _task_names(run_id)
-    assert ("chunk", ("bams3-encode",)) in names and any(n == "upload" and "bams3-s3-upload" in t for n, t in names)
+    assert ("shard", ("bams3-encode", "bams3-s3-upload")) in names and ("commit", ()) in names
 
     # the CLI sees the flow's datasets as done (same identity): nothing written again
     before = chunk_objects(dest, s3_env)

@@ -95,7 +95,8 @@ def fast_retries(monkeypatch):
     """Retry the flows' I/O tasks after ~0 s instead of 2, 4, 8... s."""
     from tasks import pipeline, storage
 
-    for t in (pipeline.upload, pipeline.verify, pipeline.index, storage.inventory, storage.profile,
+    for t in (pipeline.shard, pipeline.verify_shard, pipeline.verify, pipeline.commit, storage.inventory,
+              storage.profile,
               storage.find_datasets, storage.lifecycle):
         monkeypatch.setattr(t, "retry_delay_seconds", [0.01] * max(1, t.retries))
 
@@ -181,16 +182,15 @@ def test_retry_only_transient_errors():
 def test_tasks_configuration():
     from prefect.cache_policies import NONE
 
-    from tasks import chunk, index, retry_on_transient, upload, verify
+    from tasks import commit, plan, retry_on_transient, shard, verify, verify_shard
 
-    assert "bams3-s3-upload" in upload.tags and "bams3-encode" in chunk.tags
-    for t in (chunk, upload, verify, index):
+    assert {"bams3-s3-upload", "bams3-encode"} <= set(shard.tags) and "bams3-s3-read" in verify_shard.tags
+    for t in (plan, shard, verify_shard, verify, commit):
         assert type(t.cache_policy) is type(NONE) and t.persist_result is False
-    for t in (upload, verify, index):
+    for t in (shard, verify_shard, verify, commit):
         assert t.retries >= 3 and t.retry_condition_fn is retry_on_transient and t.retry_jitter_factor
         d = t.retry_delay_seconds
         assert all(b == 2 * a for a, b in zip(d, d[1:])), d  # exponential
-    assert chunk.retries == 0  # deterministic CPU work
 
 
 def test_bams3core_cost_is_pure():
@@ -332,14 +332,24 @@ def test_upload_retried_on_transient_store_error(prefect_harness, s3_env, sample
                                  "retry later")
         return real_set(self, key, data, **kw)
 
-    monkeypatch.setattr(S3Store, "set", flaky_set)
+    uploads: dict[str, int] = {}
+
+    def counting_set(self, key, data, **kw):
+        if "/chunks/" in key:
+            uploads[key] = uploads.get(key, 0) + 1
+        return flaky_set(self, key, data, **kw)
+
+    monkeypatch.setattr(S3Store, "set", counting_set)
     uri = s3_env.uri("retried")
     state = convert_to_s3(source=sample_bam, destination=uri, chunk_size=CHUNK, return_state=True)
     assert state.is_completed(), state
     assert list(attempts.values()) == [3]  # failed twice, succeeded on the third run of the task
-    runs = task_runs(flow_run_id(state), name="upload-000001",
+    runs = task_runs(flow_run_id(state), name="shard-0000",
                      want=lambda rs: rs and rs[0].run_count == 3 and rs[0].state_type.value == "COMPLETED")
     assert len(runs) == 1 and runs[0].run_count == 3
+    # the retries reused the chunk the failed attempts had uploaded (the ledger): chunk 0 once
+    first = next(k for k in uploads if k.endswith("chunks/000000.b3c"))
+    assert uploads[first] == 1 and len(uploads) >= 3
     monkeypatch.setattr(S3Store, "set", real_set)
     assert cli("verify", uri) == 0
 
@@ -358,19 +368,21 @@ def test_bad_input_fails_fast(prefect_harness, s3_env, tmp_path, sample_bam, fas
     # a task failing with a permanent error runs once: no retries, and nothing is committed
     calls: dict[int, int] = {}
 
-    def bad_upload(self, planned):
+    def bad_upload(self, planned, stats):
         calls[planned.number] = calls.get(planned.number, 0) + 1
         raise InputError("refusing this chunk (test)")
 
-    monkeypatch.setattr(DatasetWriter, "upload_chunk", bad_upload)
+    from bams3.stages import ShardSink
+
+    monkeypatch.setattr(ShardSink, "upload", bad_upload)
     state = convert_to_s3(source=sample_bam, destination=s3_env.uri("bad"), chunk_size=CHUNK, return_state=True)
     assert state.is_failed()
     assert isinstance(state.result(raise_on_failure=False), InputError)
     assert calls and set(calls.values()) == {1}, calls
     assert time.time() - t < 30
-    runs = task_runs(flow_run_id(state), want=lambda rs: any(r.name.startswith("upload-") and
+    runs = task_runs(flow_run_id(state), want=lambda rs: any(r.name.startswith("shard-") and
                                                              r.state_type.value == "FAILED" for r in rs))
-    ups = [r for r in runs if r.name.startswith("upload-") and r.state_type.value == "FAILED"]
+    ups = [r for r in runs if r.name.startswith("shard-") and r.state_type.value == "FAILED"]
     assert ups and all(r.run_count == 1 for r in ups)
     listing = s3_env.client().list_objects_v2(Bucket=s3_env.bucket, Prefix="bad/")
     assert listing.get("KeyCount", 0) == 0  # the failed run removed what it wrote
@@ -539,3 +551,33 @@ def test_storage_report_counts_noncurrent_versions(prefect_harness, s3_env, samp
     assert res["total"]["current"]["bytes"] == d["bytes"]
     assert res["total"]["noncurrent"]["bytes"] == nc["bytes"]
     assert res["lifecycle"]["versioned"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# the stages on other task runners (issue #11)
+# ---------------------------------------------------------------------------------------------
+def test_convert_to_s3_on_a_dask_cluster(prefect_harness, s3_env, sample_bam, dask_cluster, tmp_path):
+    """The same flow, its shard and verify tasks on Dask workers (plain values in and out)."""
+    from prefect_dask import DaskTaskRunner
+
+    from flows import convert_to_s3
+
+    uri, ref = s3_env.uri("dask"), s3_env.uri("threads")
+    on_dask = convert_to_s3.with_options(task_runner=DaskTaskRunner(address=dask_cluster))
+    state = on_dask(source=sample_bam, destination=uri, chunk_size=CHUNK, shards=3, return_state=True)
+    assert state.is_completed(), state
+    summary = state.result()
+    assert summary["shards"] == 4 and summary["reused_chunks"] == 0
+    convert_to_s3(source=sample_bam, destination=ref, chunk_size=CHUNK, shards=3)
+    a, b = manifest_of(ref), manifest_of(uri)
+    assert [c.sha256 for c in a.chunks] == [c.sha256 for c in b.chunks]  # same plan, same bytes
+    import pysam
+
+    assert query_text(uri, tmp_path).decode() == pysam.samtools.view(sample_bam)
+    runs = task_runs(flow_run_id(state), want=lambda rs: sum(r.name.startswith("shard-") and
+                                                              r.state_type.value == "COMPLETED" for r in rs) == 4)
+    names = sorted(r.name for r in runs)
+    assert [n for n in names if n.startswith("shard-")] == [f"shard-{i:04d}" for i in range(4)]
+    assert any(n.startswith("verify-shard-") for n in names)
+    assert any(n.startswith("commit") for n in names) and any(n.startswith("plan") for n in names)
+    assert cli("verify", uri) == 0
