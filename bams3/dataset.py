@@ -29,9 +29,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from bams3core import layout
-from bams3core.bam import FLAG_UNMAP, BamHeader, RecordBatch, Reference
+from bams3core.bam import BamHeader, RecordBatch, Reference
 from bams3core.codec import (PLAIN_STREAMS, STREAM_NAMES, BlockColumns, BlockEncoder, CodecError, EncodedBlock,
-                             assemble_records, decode_block, frame_self_checked, split_streams, streams_for)
+                             assemble_records, frame_self_checked, split_streams, streams_for)
 from bams3core.index import (ENTRY_DTYPE, ENTRY_DTYPE_WIDE, FORMAT_VERSION, FORMAT_VERSION_WIDE, HEADER_KEY,
                              MANIFEST_KEY, IndexError_, IndexPage, Manifest, ObjectRef,
                              decode_index, encode_index_pages, narrow_entries, select_pages, widen_entries)
