@@ -19,6 +19,7 @@ import zstandard
 
 from .names import decode_names, encode_names
 from .qualcodec import decode_quals, encode_quals
+from .seqcodec import decode_seq, encode_seq
 from .tags import TagError, decode_tags, encode_tags
 from .kernels import find_mates_kernel
 from .shuffle import shuffle, unshuffle
@@ -224,6 +225,8 @@ class BlockEncoder:
                 frames.append(encode_names(raw["name"], l_name[un], self._cctx[name]))
             elif name == "qual":
                 frames.append(encode_quals(raw["qual"], l_seq))
+            elif name == "seq":
+                frames.append(encode_seq(raw["seq"], l_seq, pos, cigar, n_cig, self._cctx[name]))
             else:
                 if wide:
                     width = WIDE_STREAM_WIDTHS.get(name, width)
@@ -278,7 +281,7 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
     """Rebuild the raw BAM records of a block (inverse of :meth:`BlockEncoder.encode`);
     ``wide``: a v1.1 block, decoded to wide records."""
     frames = split_streams(data, stream_sizes)
-    s = {name: _decompress(frames[name]) for name in STREAM_NAMES if name not in ("tags", "name", "qual")}
+    s = {name: _decompress(frames[name]) for name in STREAM_NAMES if name not in ("tags", "name", "qual", "seq")}
     n = n_records
 
     def arr(name, dtype, count=None):
@@ -357,7 +360,10 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
     l_packed = (l_seq + 1) // 2
     l_tags = arr("ltags", "<u4").astype(np.int64)
 
-    seq = np.frombuffer(s["seq"], dtype=np.uint8)
+    try:
+        seq = decode_seq(frames["seq"], l_seq, pos, cigar, n_cig, _dctx())
+    except ValueError as e:
+        raise CodecError(str(e)) from None
     try:
         qual = decode_quals(frames["qual"], l_seq)
     except ValueError as e:
