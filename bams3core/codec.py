@@ -20,7 +20,7 @@ import zstandard
 from .names import decode_names, encode_names
 from .qualcodec import decode_quals, encode_quals
 from .seqcodec import decode_seq, encode_seq
-from .tags import TagError, decode_tags, encode_tags
+from .tags import TagError, decode_tag_areas, encode_tags, mate_index, tags_method
 from .kernels import find_mates_kernel
 from .shuffle import shuffle, unshuffle
 from .bam import (FIXED_DTYPE, FIXED_SIZE, WIDE_FIXED_DTYPE, WIDE_FIXED_SIZE, RecordBatch, cigar_ref_lengths,
@@ -217,10 +217,14 @@ class BlockEncoder:
             "qual": gather(u8, qual_off, l_seq),
             "ltags": l_tags.astype(np.uint32),
         }
+        tags = encode_tags(u8, tag_off, l_tags, self._cctx["tags"], cigar=cigar, n_cigar=n_cig,
+                           mate=mate_index(link))
+        if tags_method(tags) == 2:  # the tag areas' lengths follow from the frame (§6.8)
+            raw["ltags"] = np.zeros(n, dtype=np.uint32)
         frames = []
         for name, width in STREAMS:
             if name == "tags":
-                frames.append(encode_tags(u8, tag_off, l_tags, self._cctx[name]))
+                frames.append(tags)
             elif name == "name":
                 frames.append(encode_names(raw["name"], l_name[un], self._cctx[name]))
             elif name == "qual":
@@ -359,6 +363,16 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
     l_seq = fx["l_seq"].astype(np.int64)
     l_packed = (l_seq + 1) // 2
     l_tags = arr("ltags", "<u4").astype(np.int64)
+    try:
+        if tags_method(frames["tags"]) == 2:
+            if l_tags.any():
+                raise CodecError("the ltags stream of a block with method-2 tags holds non-zero values")
+            tags, l_tags = decode_tag_areas(frames["tags"], n, _dctx(), cigar=cigar, n_cigar=n_cig,
+                                            mate=mate_index(link))
+        else:
+            tags, _ = decode_tag_areas(frames["tags"], n, _dctx(), l_tags=l_tags)
+    except (TagError, zstandard.ZstdError, struct.error, IndexError, ValueError) as e:
+        raise CodecError(f"corrupt tags stream ({e})") from None
 
     try:
         seq = decode_seq(frames["seq"], l_seq, pos, cigar, n_cig, _dctx())
@@ -368,10 +382,6 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
         qual = decode_quals(frames["qual"], l_seq)
     except ValueError as e:
         raise CodecError(f"corrupt quality stream ({e})") from None
-    try:
-        tags = decode_tags(frames["tags"], l_tags, _dctx())
-    except (TagError, zstandard.ZstdError, struct.error, IndexError) as e:
-        raise CodecError(f"corrupt tags stream ({e})") from None
     if len(seq) != 2 * l_packed.sum() or len(qual) != l_seq.sum() or len(tags) != l_tags.sum():
         raise CodecError("stream lengths disagree with the record counts")
     ends = end_positions(pos, fx["flag"], rlen)
