@@ -59,6 +59,14 @@ DEFAULT_LEVEL = 3
 STREAM_LEVELS = {"name": 5, "seq": 7, "tags": 7, "cigar": 5}
 
 
+# Which methods the encoder may use: 1 = those of format v1/v1.1 (zstd `seq`, tags methods
+# 0/1, `ltags` the lengths); 2 = also `seq` method 1 and tags method 2 (format v1.2/v1.3,
+# docs/FORMAT.md §12). The decoder reads both.
+CODECS_V1 = 1
+CODECS_V2 = 2
+CODECS = CODECS_V2
+
+
 class CodecError(ValueError):
     """A block that cannot be decoded (corrupt or inconsistent)."""
 
@@ -148,7 +156,10 @@ def predict_tlen(refid, pos, nref, npos, flag, rlen) -> np.ndarray:
 class BlockEncoder:
     """Encodes record batches into blocks. One per thread (zstd contexts are not shared)."""
 
-    def __init__(self, level_offset: int = 0):
+    def __init__(self, level_offset: int = 0, codecs: int = CODECS):
+        if codecs not in (CODECS_V1, CODECS_V2):
+            raise ValueError(f"unknown codec level {codecs}")
+        self.codecs = codecs
         self._cctx = {name: zstandard.ZstdCompressor(level=max(1, STREAM_LEVELS.get(name, DEFAULT_LEVEL) + level_offset))
                       for name in STREAM_NAMES}
 
@@ -217,8 +228,12 @@ class BlockEncoder:
             "qual": gather(u8, qual_off, l_seq),
             "ltags": l_tags.astype(np.uint32),
         }
-        tags = encode_tags(u8, tag_off, l_tags, self._cctx["tags"], cigar=cigar, n_cigar=n_cig,
-                           mate=mate_index(link))
+        v2 = self.codecs >= CODECS_V2
+        if v2:
+            tags = encode_tags(u8, tag_off, l_tags, self._cctx["tags"], cigar=cigar, n_cigar=n_cig,
+                               mate=mate_index(link))
+        else:
+            tags = encode_tags(u8, tag_off, l_tags, self._cctx["tags"])
         if tags_method(tags) == 2:  # the tag areas' lengths follow from the frame (§6.8)
             raw["ltags"] = np.zeros(n, dtype=np.uint32)
         frames = []
@@ -229,7 +244,7 @@ class BlockEncoder:
                 frames.append(encode_names(raw["name"], l_name[un], self._cctx[name]))
             elif name == "qual":
                 frames.append(encode_quals(raw["qual"], l_seq))
-            elif name == "seq":
+            elif name == "seq" and v2:
                 frames.append(encode_seq(raw["seq"], l_seq, pos, cigar, n_cig, self._cctx[name]))
             else:
                 if wide:
