@@ -19,7 +19,7 @@ import zstandard
 
 from .names import decode_names, encode_names
 from .qualcodec import decode_quals, encode_quals
-from .seqcodec import decode_seq, encode_seq
+from .seqcodec import block_consensus, decode_seq, encode_seq
 from .tags import TagError, decode_tag_areas, encode_tags, mate_index, tags_method
 from .kernels import find_mates_kernel
 from .shuffle import shuffle, unshuffle
@@ -230,8 +230,10 @@ class BlockEncoder:
         }
         v2 = self.codecs >= CODECS_V2
         if v2:
+            cons = block_consensus(seq, l_seq, pos, cigar, n_cig)
+            md_ref = None if cons is None else (seq, l_seq, pos, *cons)
             tags = encode_tags(u8, tag_off, l_tags, self._cctx["tags"], cigar=cigar, n_cigar=n_cig,
-                               mate=mate_index(link))
+                               mate=mate_index(link), md_ref=md_ref)
         else:
             tags = encode_tags(u8, tag_off, l_tags, self._cctx["tags"])
         if tags_method(tags) == 2:  # the tag areas' lengths follow from the frame (§6.8)
@@ -379,20 +381,27 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
     l_packed = (l_seq + 1) // 2
     l_tags = arr("ltags", "<u4").astype(np.int64)
     try:
+        seq = decode_seq(frames["seq"], l_seq, pos, cigar, n_cig, _dctx())
+    except ValueError as e:
+        raise CodecError(str(e)) from None
+    if len(seq) != 2 * l_packed.sum():
+        raise CodecError("stream lengths disagree with the record counts")
+
+    def md_ref():  # the block's consensus, for a derived MD column (§12.3)
+        cons = block_consensus(seq, l_seq, pos, cigar, n_cig)
+        return None if cons is None else (seq, l_seq, pos, *cons)
+
+    try:
         if tags_method(frames["tags"]) == 2:
             if l_tags.any():
                 raise CodecError("the ltags stream of a block with method-2 tags holds non-zero values")
             tags, l_tags = decode_tag_areas(frames["tags"], n, _dctx(), cigar=cigar, n_cigar=n_cig,
-                                            mate=mate_index(link))
+                                            mate=mate_index(link), md_ref=md_ref)
         else:
             tags, _ = decode_tag_areas(frames["tags"], n, _dctx(), l_tags=l_tags)
     except (TagError, zstandard.ZstdError, struct.error, IndexError, ValueError) as e:
         raise CodecError(f"corrupt tags stream ({e})") from None
 
-    try:
-        seq = decode_seq(frames["seq"], l_seq, pos, cigar, n_cig, _dctx())
-    except ValueError as e:
-        raise CodecError(str(e)) from None
     try:
         qual = decode_quals(frames["qual"], l_seq)
     except ValueError as e:

@@ -480,3 +480,86 @@ def cigar_text_kernel(cigar, cig_start, n_cig, chars, out, out_start):
         p += 1
     out_start[cig_start.shape[0]] = p
     return p
+
+
+_MD_BASES = np.frombuffer(b"=ACMGRSVTWYHKDBN", dtype=np.uint8)
+
+
+@njit(cache=True, nogil=True)
+def _put_int(out, p, v, digits):
+    nd = 0
+    while True:
+        digits[nd] = 48 + v % 10
+        nd += 1
+        v //= 10
+        if v == 0:
+            break
+    for d in range(nd):
+        if out.shape[0]:
+            out[p] = digits[nd - 1 - d]
+        p += 1
+    return p
+
+
+@njit(cache=True, nogil=True)
+def md_predict_kernel(nib, nib_start, l_seq, pos, cigar, cig_start, n_cig, cons, lo, chars, out, out_start, ok):
+    """The MD text (NUL-terminated) each record would have against the block consensus
+    ``cons`` (positions ``lo + k``; 255 = none) as the reference: aligned bases (M = X) that
+    differ from it are mismatches, D bases are deleted reference bases; ok[k] = 0 where a
+    needed consensus base is missing. ``out`` of length 0: only the sizes (out_start)."""
+    span = cons.shape[0]
+    p = 0
+    digits = np.empty(24, np.uint8)
+    for k in range(nib_start.shape[0]):
+        out_start[k] = p
+        ok[k] = 1
+        u = 0
+        q = 0
+        r = pos[k]
+        L = l_seq[k]
+        for j in range(cig_start[k], cig_start[k] + n_cig[k]):
+            ln = np.int64(cigar[j] >> 4)
+            op = cigar[j] & 0xF
+            if op == 0 or op == 7 or op == 8:
+                for t in range(ln):
+                    if r < lo or r >= lo + span or cons[r - lo] == 255 or q >= L:
+                        ok[k] = 0
+                        break
+                    c = cons[r - lo]
+                    b = nib[nib_start[k] + q]
+                    if b == c:
+                        u += 1
+                    else:
+                        p = _put_int(out, p, u, digits)
+                        if out.shape[0]:
+                            out[p] = chars[c]
+                        p += 1
+                        u = 0
+                    q += 1
+                    r += 1
+            elif op == 1 or op == 4:
+                q += ln
+            elif op == 2:
+                p = _put_int(out, p, u, digits)
+                if out.shape[0]:
+                    out[p] = 94
+                p += 1
+                for t in range(ln):
+                    if r < lo or r >= lo + span or cons[r - lo] == 255:
+                        ok[k] = 0
+                        break
+                    if out.shape[0]:
+                        out[p] = chars[cons[r - lo]]
+                    p += 1
+                    r += 1
+                u = 0
+            elif op == 3:
+                r += ln
+            if ok[k] == 0:
+                break
+        p = _put_int(out, p, u, digits)
+        if out.shape[0]:
+            out[p] = 0
+        p += 1
+    out_start[nib_start.shape[0]] = p
+    return p

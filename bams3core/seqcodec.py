@@ -322,3 +322,39 @@ def decode_seq(frame: bytes, l_seq, pos, cigar, n_cigar, dctx: zstandard.ZstdDec
     out = np.empty(total, np.uint8)
     _decode_kernel(np.frombuffer(frame, dtype=np.uint8), p, l_seq, pos, cigar, n_cigar, lo, span, out)
     return out
+
+
+@njit(cache=True, nogil=True)
+def _consensus_kernel(nib, l_seq, pos, cigar, n_cig, lo, span, cons, votes):
+    """The consensus of §12.2 after every record of the block has voted (cons 255: none)."""
+    maxl = 1
+    for i in range(l_seq.shape[0]):
+        if l_seq[i] > maxl:
+            maxl = l_seq[i]
+    refpos = np.empty(maxl, np.int64)
+    off = 0
+    c0 = 0
+    for i in range(l_seq.shape[0]):
+        L = l_seq[i]
+        nc = n_cig[i]
+        _align(pos[i], cigar, c0, nc, L, refpos)
+        c0 += nc
+        for j in range(L):
+            _vote(refpos[j], lo, span, cons, votes, nib[off + j])
+        off += L + (L & 1)
+
+
+def block_consensus(nibbles, l_seq, pos, cigar, n_cigar):
+    """(cons, lo): the block's consensus base code per reference position ``lo + k`` (255 where
+    no base aligns), after all records voted as in §12.2; None if the span exceeds MAX_SPAN."""
+    l_seq, pos, cigar, n_cigar = _prep(l_seq, pos, cigar, n_cigar)
+    lo, hi = _span_kernel(l_seq, pos, cigar, n_cigar)
+    span = int(hi - lo) if hi > lo else 0
+    if span > MAX_SPAN:
+        return None
+    lo = int(lo) if span else 0
+    cons = np.full(max(span, 1), 255, np.uint8)
+    votes = np.zeros(max(span, 1), np.uint8)
+    _consensus_kernel(np.ascontiguousarray(nibbles, dtype=np.uint8), l_seq, pos, cigar, n_cigar, lo, span,
+                      cons, votes)
+    return cons[:span], lo

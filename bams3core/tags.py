@@ -25,7 +25,7 @@ import numpy as np
 import zstandard
 
 from .bam import gather, scatter
-from .kernels import (_CIGAR_CHARS, cigar_text_kernel, nm_from_md_kernel, TAG_B_SUBTYPE, TAG_B_TRUNCATED, TAG_OK, TAG_OVERRUN, TAG_SLOTS, TAG_TRUNCATED,
+from .kernels import (_CIGAR_CHARS, _MD_BASES, cigar_text_kernel, md_predict_kernel, nm_from_md_kernel, TAG_B_SUBTYPE, TAG_B_TRUNCATED, TAG_OK, TAG_OVERRUN, TAG_SLOTS, TAG_TRUNCATED,
                       TAG_UNKNOWN_TYPE, TAG_UNTERMINATED, parse_tags_kernel, tag_column_order,
                       tag_columns_kernel)
 from .shuffle import shuffle, unshuffle
@@ -121,12 +121,15 @@ def _key3(s: bytes) -> int:
 MODEL_PLAIN = 0  # the column's values (as method 1)
 MODEL_NM = 1     # NM (integer types) from the record's MD:Z and CIGAR
 MODEL_MC = 2     # MC:Z = the CIGAR of the record's mate in the block
+MODEL_MD = 3     # MD:Z = the record against the block's consensus (§12.2) as the reference
 _KEY_MD = _key3(b"MDZ")
 _KEY_MC = _key3(b"MCZ")
 _INT_DTYPES = {ord("c"): "i1", ord("C"): "u1", ord("s"): "<i2", ord("S"): "<u2", ord("i"): "<i4", ord("I"): "<u4"}
 
 
-def _model_of(key: int, keys) -> int:
+def _model_of(key: int, keys, md_ref=None) -> int:
+    if key == _KEY_MD and md_ref is not None:
+        return MODEL_MD
     if key >> 8 == (ord("N") << 8 | ord("M")) and (key & 0xFF) in _INT_DTYPES and _KEY_MD in keys:
         return MODEL_NM
     if key == _KEY_MC:
@@ -200,7 +203,25 @@ def _cigar_args(cigar, n_cigar):
     return cigar, n_cig, _cigar_starts(n_cig)
 
 
-def _encode_derived(model, key, vals, rows, cols, layout_ids, layouts, cigar, n_cig, cig_start, mate):
+def _md_texts(md_ref, cigar, cig_start, n_cig, recs):
+    """(bytes, starts, ok): the MD text of each record in ``recs`` against the block consensus."""
+    nib, l_seq, pos, cons, lo = md_ref
+    l_seq = np.asarray(l_seq, dtype=np.int64)
+    nst = np.zeros(len(l_seq), dtype=np.int64)
+    np.cumsum((l_seq + (l_seq & 1))[:-1], out=nst[1:])
+    args = (np.ascontiguousarray(nib, dtype=np.uint8), np.ascontiguousarray(nst[recs]),
+            np.ascontiguousarray(l_seq[recs]), np.ascontiguousarray(np.asarray(pos, dtype=np.int64)[recs]),
+            cigar, np.ascontiguousarray(cig_start[recs], dtype=np.int64),
+            np.ascontiguousarray(n_cig[recs], dtype=np.int64), cons, int(lo), _MD_BASES)
+    st = np.zeros(len(recs) + 1, dtype=np.int64)
+    ok = np.zeros(len(recs), dtype=np.uint8)
+    total = md_predict_kernel(*args, np.empty(0, np.uint8), st, ok)
+    out = np.empty(total, np.uint8)
+    md_predict_kernel(*args, out, st, ok)
+    return out, st, ok.astype(bool)
+
+
+def _encode_derived(model, key, vals, rows, cols, layout_ids, layouts, cigar, n_cig, cig_start, mate, md_ref=None):
     """(flags, explicit values) of a derived column: flag 0 = the derivation gives the value."""
     t = key & 0xFF
     if model == MODEL_NM:
@@ -210,12 +231,16 @@ def _encode_derived(model, key, vals, rows, cols, layout_ids, layouts, cigar, n_
         miss = d != v
         ex = v[miss].astype(_INT_DTYPES[t])
         return miss.astype(np.uint8), np.frombuffer(shuffle(ex, w), dtype=np.uint8)
-    # MODEL_MC
     ms, ml = _z_split(vals)
-    m = mate[rows]
-    txt, st = _cigar_texts(cigar, cig_start, n_cig, np.where(m >= 0, m, rows))
-    tl = np.diff(st) - 1
-    miss = (m < 0) | (tl != ml)
+    if model == MODEL_MD:
+        txt, st, good = _md_texts(md_ref, cigar, cig_start, n_cig, rows)
+        tl = np.diff(st) - 1
+        miss = ~good | (tl != ml)
+    else:  # MODEL_MC
+        m = mate[rows]
+        txt, st = _cigar_texts(cigar, cig_start, n_cig, np.where(m >= 0, m, rows))
+        tl = np.diff(st) - 1
+        miss = (m < 0) | (tl != ml)
     same = np.flatnonzero(~miss)
     if len(same):
         a = gather(txt, st[:-1][same], tl[same])
@@ -230,12 +255,13 @@ def _encode_derived(model, key, vals, rows, cols, layout_ids, layouts, cigar, n_
 
 def encode_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray, cctx: zstandard.ZstdCompressor, *,
                 cigar: np.ndarray | None = None, n_cigar: np.ndarray | None = None,
-                mate: np.ndarray | None = None) -> bytes:
+                mate: np.ndarray | None = None, md_ref=None) -> bytes:
     """Columnar encoding of the tag areas; falls back to raw bytes if they do not parse.
 
     With the block's CIGARs (``cigar`` words, ``n_cigar`` per record) and mates (``mate``:
     record index or -1, :func:`mate_index`) the frame is method 2: NM and MC values the
-    block's own data reproduce are not stored (§6.8)."""
+    block's own data reproduce are not stored (§12.3); with ``md_ref`` = (nibbles, l_seq,
+    pos, consensus, lo) (:func:`bams3core.seqcodec.block_consensus`) MD values neither."""
     buf = gather(buf, starts, lens)  # work on this block's tag bytes only
     starts = np.zeros(len(lens), dtype=np.int64)
     np.cumsum(lens[:-1], out=starts[1:])
@@ -257,13 +283,13 @@ def encode_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray, cctx: zst
         cigar, n_cig, cig_start = _cigar_args(cigar, n_cigar)
         mate = np.asarray(mate, dtype=np.int64)
     for key, vals in cols.items():
-        model = _model_of(key, cols) if v2 else MODEL_PLAIN
+        model = _model_of(key, cols, md_ref) if v2 else MODEL_PLAIN
         if model == MODEL_PLAIN:
             payload = cctx.compress(vals.tobytes())
         else:
             rows = _rows_with(layout_ids, layouts, key)
             flags, explicit = _encode_derived(model, key, vals, rows, cols, layout_ids, layouts,
-                                              cigar, n_cig, cig_start, mate)
+                                              cigar, n_cig, cig_start, mate, md_ref)
             f = cctx.compress(flags.tobytes())
             payload = struct.pack("<I", len(f)) + f + cctx.compress(explicit.tobytes())
         head.append(_kbytes(key) + (bytes((model,)) if v2 else b"") + struct.pack("<I", len(payload)))
@@ -280,16 +306,18 @@ def tags_method(frame: bytes) -> int:
 
 def decode_tags(data: bytes, l_tags: np.ndarray, dctx: zstandard.ZstdDecompressor, *,
                 cigar: np.ndarray | None = None, n_cigar: np.ndarray | None = None,
-                mate: np.ndarray | None = None) -> np.ndarray:
+                mate: np.ndarray | None = None, md_ref=None) -> np.ndarray:
     """Inverse of :func:`encode_tags`: the concatenated tag areas (uint8)."""
-    return decode_tag_areas(data, len(l_tags), dctx, l_tags=l_tags, cigar=cigar, n_cigar=n_cigar, mate=mate)[0]
+    return decode_tag_areas(data, len(l_tags), dctx, l_tags=l_tags, cigar=cigar, n_cigar=n_cigar, mate=mate,
+                            md_ref=md_ref)[0]
 
 
 def decode_tag_areas(data: bytes, n: int, dctx: zstandard.ZstdDecompressor, *, l_tags: np.ndarray | None = None,
-                     cigar=None, n_cigar=None, mate=None) -> tuple[np.ndarray, np.ndarray]:
+                     cigar=None, n_cigar=None, mate=None, md_ref=None) -> tuple[np.ndarray, np.ndarray]:
     """(areas, l_tags) of ``n`` records. ``l_tags`` may be None for a method-2 frame (whose
     values give each area's length); method 2 also needs the block's ``cigar``, ``n_cigar``
-    and ``mate`` (:func:`mate_index`) when it has derived columns."""
+    and ``mate`` (:func:`mate_index`) when it has derived columns, and ``md_ref`` (as for
+    :func:`encode_tags`, or a function returning it) for a derived MD column."""
     if not data:
         raise TagError("empty tags stream")
     if data[0] == 0:
@@ -338,9 +366,9 @@ def decode_tag_areas(data: bytes, n: int, dctx: zstandard.ZstdDecompressor, *, l
         p += size
         if model == MODEL_PLAIN:
             colvals[key] = np.frombuffer(dctx.decompress(body), dtype=np.uint8)
-        elif model in (MODEL_NM, MODEL_MC):
+        elif model in (MODEL_NM, MODEL_MC, MODEL_MD):
             if (model == MODEL_NM) != (_model_of(key, colkeys) == MODEL_NM) or \
-                    (model == MODEL_MC and key != _KEY_MC):
+                    (model == MODEL_MC and key != _KEY_MC) or (model == MODEL_MD and key != _KEY_MD):
                 raise TagError("bad derived tag column")
             (fs,) = struct.unpack_from("<I", body, 0)
             flags = np.frombuffer(dctx.decompress(body[4:4 + fs]), dtype=np.uint8)
@@ -365,12 +393,18 @@ def decode_tag_areas(data: bytes, n: int, dctx: zstandard.ZstdDecompressor, *, l
             raise TagError("derived tag columns need the block's CIGARs and mates")
         cig, n_cig, cig_start = _cigar_args(cigar, n_cigar)
         mate = np.asarray(mate, dtype=np.int64)
-        for key, (model, flags, explicit) in derived.items():  # plain columns are all decoded here
+        if any(m == MODEL_MD for m, _, _ in derived.values()):
+            if callable(md_ref):
+                md_ref = md_ref()
+            if md_ref is None:
+                raise TagError("a derived MD column needs the block's consensus")
+        # plain columns are all decoded here; MD before NM, which derives from it
+        for key, (model, flags, explicit) in sorted(derived.items(), key=lambda kv: kv[1][0] != MODEL_MD):
             rows = rows_of.get(key, np.zeros(0, np.int64))
             if len(flags) != len(rows) or (flags > 1).any():
                 raise TagError("tag column size mismatch")
             colvals[key] = _decode_derived(model, key, rows, flags, explicit, colvals, rows_of, cig, n_cig,
-                                           cig_start, mate)
+                                           cig_start, mate, md_ref)
     rec_len = np.zeros(n, dtype=np.int64)
     for key, rows in rows_of.items():
         vals = colvals.get(key)
@@ -439,7 +473,7 @@ def decode_tag_areas(data: bytes, n: int, dctx: zstandard.ZstdDecompressor, *, l
     return out, l_tags
 
 
-def _decode_derived(model, key, rows, flags, explicit, colvals, rows_of, cigar, n_cig, cig_start, mate):
+def _decode_derived(model, key, rows, flags, explicit, colvals, rows_of, cigar, n_cig, cig_start, mate, md_ref):
     """The full column (as method 1 stores it) of a derived column."""
     t = key & 0xFF
     use = np.flatnonzero(flags == 0)
@@ -461,11 +495,15 @@ def _decode_derived(model, key, rows, flags, explicit, colvals, rows_of, cigar, 
         v[use] = d
         v[flags == 1] = ex
         return np.frombuffer(shuffle(v, w), dtype=np.uint8)
-    # MODEL_MC
-    m = mate[rows[use]]
-    if (m < 0).any() or (m >= len(n_cig)).any():
-        raise TagError("a derived MC without a mate")
-    txt, st = _cigar_texts(cigar, cig_start, n_cig, m)
+    if model == MODEL_MD:
+        txt, st, good = _md_texts(md_ref, cigar, cig_start, n_cig, rows[use])
+        if not good.all():
+            raise TagError("a derived MD without a consensus")
+    else:  # MODEL_MC
+        m = mate[rows[use]]
+        if (m < 0).any() or (m >= len(n_cig)).any():
+            raise TagError("a derived MC without a mate")
+        txt, st = _cigar_texts(cigar, cig_start, n_cig, m)
     es, el = _z_split(explicit)
     miss = np.flatnonzero(flags == 1)
     if len(es) != len(miss) or (len(explicit) and explicit[-1] != 0):

@@ -2,8 +2,8 @@
 
 - datasets written before them (format v1, stored in tests/data/format-v1) stay readable,
   record for record as samtools reads their sources, and verify;
-- random blocks round-trip through both codec levels, whatever the CIGARs, positions, mates
-  and tags (NM/MD/MC that match their derivation, and that don't);
+- random seq and tag columns round-trip, whatever the CIGARs, positions, mates and tags
+  (NM/MD/MC that match their derivation, and that don't);
 - corrupt method-1 seq frames and method-2 tag frames raise, never crash or hang.
 """
 
@@ -20,8 +20,8 @@ import zstandard
 
 from bams3core.codec import CODECS_V1, CODECS_V2, BlockEncoder, CodecError, decode_block
 from bams3core.bam import RecordBatch
-from bams3core.seqcodec import decode_seq, encode_seq
-from bams3core.tags import TagError, decode_tag_areas, encode_tags, mate_index
+from bams3core.seqcodec import block_consensus, decode_seq, encode_seq
+from bams3core.tags import TagError, _md_texts, decode_tag_areas, encode_tags, mate_index
 from conftest_data import run_cli
 
 OLD = Path(__file__).resolve().parent / "data" / "format-v1"
@@ -144,8 +144,15 @@ def _tag(key, typ, val) -> bytes:
 def test_tags_method2_round_trips(seed):
     rng = np.random.default_rng(100 + seed)
     n = int(rng.integers(1, 120))
-    _, _, _, cig, ncig = _random_block(rng, n)
+    nib, l_seq, pos, cig, ncig = _random_block(rng, n)
     starts = np.concatenate([[0], np.cumsum(ncig)[:-1]]).astype(np.int64)
+    cons = block_consensus(nib, l_seq, pos, cig, ncig)
+    md_ref = None if cons is None or seed % 4 == 3 else (nib, l_seq, pos, *cons)
+    if md_ref is not None:  # the MD each record has against the consensus, where there is one
+        txt, st_, good = _md_texts(md_ref, cig, starts, ncig, np.arange(n))
+        derivable = [txt[st_[i]:st_[i + 1] - 1].tobytes().decode() if good[i] else None for i in range(n)]
+    else:
+        derivable = [None] * n
     link = np.zeros(n, np.int64)
     for i in range(1, n):
         if rng.random() < 0.5:
@@ -157,8 +164,12 @@ def test_tags_method2_round_trips(seed):
         words = cig[starts[i]:starts[i] + ncig[i]]
         mism = int(rng.integers(0, 3))
         md = rng.choice(["10", "3A6", "2^AC0T5", "x!", "5a3", ""]) if rng.random() < 0.9 else None
+        if derivable[i] is not None and rng.random() < 0.6:
+            md = derivable[i]
         ins_del = sum(int(w >> 4) for w in words if (w & 15) in (1, 2))
         nm_true = {"10": 0, "3A6": 1, "2^AC0T5": 1, "5a3": 1}.get(md, mism) + ins_del
+        if md is not None and md == derivable[i]:
+            nm_true = sum(ch.isalpha() for ch in md.split("^")[0]) + ins_del
         nm = nm_true if rng.random() < 0.8 else nm_true + 1
         mate_cigar = _cigar_text(cig[starts[mate[i]]:starts[mate[i]] + ncig[mate[i]]]) if mate[i] >= 0 else "7M"
         mc = mate_cigar if rng.random() < 0.8 else "99M"
@@ -177,10 +188,10 @@ def test_tags_method2_round_trips(seed):
     buf = np.frombuffer(b"".join(areas), np.uint8)
     lens = np.array([len(a) for a in areas], np.int64)
     st = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
-    frame = encode_tags(buf, st, lens, _Z, cigar=cig, n_cigar=ncig, mate=mate)
-    assert frame[0] in (0, 2)  # (0: a record repeated a tag -- not generated here)
-    got, got_lens = decode_tag_areas(frame, n, _DZ, l_tags=None if frame[0] == 2 else lens,
-                                     cigar=cig, n_cigar=ncig, mate=mate)
+    frame = encode_tags(buf, st, lens, _Z, cigar=cig, n_cigar=ncig, mate=mate, md_ref=md_ref)
+    assert frame[0] == 2
+    got, got_lens = decode_tag_areas(frame, n, _DZ, l_tags=None, cigar=cig, n_cigar=ncig, mate=mate,
+                                     md_ref=md_ref)
     assert got.tobytes() == buf.tobytes() and got_lens.tolist() == lens.tolist()
 
 

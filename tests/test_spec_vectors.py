@@ -33,7 +33,7 @@ from bams3core.names import _tokenised, decode_names, encode_names
 from bams3core.qualcodec import _get_varint, _lengths_hash, _put_varint, decode_quals, encode_quals
 from bams3core.shuffle import shuffle, unshuffle
 from bams3core.sorting import sorted_header_text
-from bams3core.seqcodec import decode_seq, encode_seq
+from bams3core.seqcodec import block_consensus, decode_seq, encode_seq
 from bams3core.tags import decode_tag_areas, decode_tags, encode_tags, mate_index
 
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
@@ -54,7 +54,7 @@ MIN_VECTORS = {
     "6.9.4": 7,   # quality coder
     "6.11": 1,    # the worked block
     "12.2": 2,    # seq method 1
-    "12.3": 2,    # tags method 2
+    "12.3": 3,    # tags method 2
 }
 MIN_TOTAL = sum(MIN_VECTORS.values())
 
@@ -428,9 +428,16 @@ def v_tags2(inp, out):
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
     cigar, n_cig = _cigars(inp["cigars"])
     mate = mate_index(np.array(inp["links"], np.int64))
-    frame = encode_tags(buf, starts, lens, _ZSTD, cigar=cigar, n_cigar=n_cig, mate=mate)
+    md_ref = None
+    if "seq" in inp:  # [pos, l_seq, nibbles] per record: the block consensus for MD (model 3)
+        nib = np.frombuffer(b"".join(h(r[2]) for r in inp["seq"]), np.uint8)
+        l_seq = np.array([r[1] for r in inp["seq"]], np.int64)
+        pos = np.array([r[0] for r in inp["seq"]], np.int64)
+        md_ref = (nib, l_seq, pos, *block_consensus(nib, l_seq, pos, cigar, n_cig))
+    frame = encode_tags(buf, starts, lens, _ZSTD, cigar=cigar, n_cigar=n_cig, mate=mate, md_ref=md_ref)
     assert _hexnorm(tags2_view(frame)) == _hexnorm(out)
-    got, got_lens = decode_tag_areas(tags2_frame(out), len(areas), _DZSTD, cigar=cigar, n_cigar=n_cig, mate=mate)
+    got, got_lens = decode_tag_areas(tags2_frame(out), len(areas), _DZSTD, cigar=cigar, n_cigar=n_cig, mate=mate,
+                                     md_ref=md_ref)
     assert hx(got) == hx(buf) and got_lens.tolist() == lens.tolist()
 
 
