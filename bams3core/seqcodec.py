@@ -20,7 +20,8 @@ CIGAR are not, other operations advance the reference position (``D``/``N``) or 
 A base aligned to a position whose consensus is set is coded in the context
 (consensus base, min(votes, 3), whether the read's previous base differed from its
 prediction); any other base in the context of the read's two previous nibbles (0 at the
-read start); the pad nibble of an odd-length read in a context of its own. After each
+read start); the pad nibble of an odd-length read in a context of its own. In the
+consensus contexts the symbol coded is the nibble XOR the consensus base. After each
 base the position's vote is updated (Boyer-Moore majority: same base +1, other base -1,
 at 0 the base replaces the consensus with 1 vote). Frequencies are adaptive (all 1 at
 the start, +24 per symbol, halved above 2^16); the range coder is the quality coder's
@@ -52,10 +53,11 @@ _MASK32 = np.int64(0xFFFFFFFF)
 
 
 @njit(cache=True, nogil=True)
-def _align(pos, cigar, c0, nc, L, refpos):
-    """refpos[j] = the reference position of read base j, or -1 (not aligned)."""
+def _align(pos, cigar, c0, nc, L, lo, span, kpos):
+    """kpos[j] = the consensus index (reference position - lo) of read base j, or -1 when the
+    base is not aligned or falls outside the span."""
     for j in range(L):
-        refpos[j] = -1
+        kpos[j] = -1
     q = 0
     r = pos
     for k in range(c0, c0 + nc):
@@ -66,7 +68,8 @@ def _align(pos, cigar, c0, nc, L, refpos):
             for t in range(ln):
                 if q >= L:
                     break
-                refpos[q] = r
+                if r >= lo and r < lo + span:
+                    kpos[q] = r - lo
                 q += 1
                 r += 1
         elif op == 1 or op == 4:
@@ -77,35 +80,9 @@ def _align(pos, cigar, c0, nc, L, refpos):
             break
 
 
-@njit(cache=True, nogil=True)
-def _ctx_of(rp, lo, span, cons, votes, miss, p1, p2):
-    """(context, consensus base or -1) of a base aligned to reference position rp."""
-    if rp >= lo and rp < lo + span:
-        c = np.int64(cons[rp - lo])
-        if c != 255:
-            v = np.int64(votes[rp - lo])
-            vb = v if v < 3 else np.int64(3)
-            return (c * 4 + vb) * 2 + miss, c
-    return _CTX_NOPRED + p1 * 16 + p2, np.int64(-1)
-
-
-@njit(cache=True, nogil=True)
-def _vote(rp, lo, span, cons, votes, b):
-    if rp >= lo and rp < lo + span:
-        i = rp - lo
-        c = cons[i]
-        if c == 255:
-            cons[i] = b
-            votes[i] = 1
-        elif c == b:
-            if votes[i] < 255:
-                votes[i] += 1
-        else:
-            votes[i] -= 1
-            if votes[i] == 0:
-                cons[i] = b
-                votes[i] = 1
-
+# The per-base steps below are written out in each kernel: numba does not reliably inline
+# small functions taking arrays, and a call per base (with its reference counting) costs
+# ten times the work.
 
 @njit(cache=True, nogil=True)
 def _encode_kernel(nib, l_seq, pos, cigar, n_cig, lo, span, out):
@@ -118,7 +95,7 @@ def _encode_kernel(nib, l_seq, pos, cigar, n_cig, lo, span, out):
     for i in range(l_seq.shape[0]):
         if l_seq[i] > maxl:
             maxl = l_seq[i]
-    refpos = np.empty(maxl, np.int64)
+    kpos = np.empty(maxl, np.int64)
     low = np.int64(0)
     rng = np.int64(0xFFFFFFFF)
     cache = np.int64(0)
@@ -129,23 +106,34 @@ def _encode_kernel(nib, l_seq, pos, cigar, n_cig, lo, span, out):
     for i in range(l_seq.shape[0]):
         L = l_seq[i]
         nc = n_cig[i]
-        _align(pos[i], cigar, c0, nc, L, refpos)
+        _align(pos[i], cigar, c0, nc, L, lo, span, kpos)
         c0 += nc
-        p1 = 0
-        p2 = 0
-        miss = 0
+        p1 = np.int64(0)
+        p2 = np.int64(0)
+        miss = np.int64(0)
         nn = L + (L & 1)
         for j in range(nn):
-            b = nib[off + j]
+            b = np.int64(nib[off + j])
+            k = np.int64(-1)
+            c = np.int64(-1)
             if j < L:
-                ctx, c = _ctx_of(refpos[j], lo, span, cons, votes, miss, p1, p2)
+                k = kpos[j]
+                if k >= 0:
+                    c = np.int64(cons[k])
+                    if c == 255:
+                        c = -1
+                if c >= 0:
+                    v = np.int64(votes[k])
+                    ctx = (c * 4 + (v if v < 3 else 3)) * 2 + miss
+                else:
+                    ctx = _CTX_NOPRED + p1 * 16 + p2
             else:
                 ctx = _CTX_PAD
-                c = -1
+            sym = b ^ c if c >= 0 else b  # the consensus base is symbol 0: the shortest scan
             cum = 0
-            for k in range(b):
-                cum += f[ctx, k]
-            fr = f[ctx, b]
+            for t in range(sym):
+                cum += f[ctx, t]
+            fr = f[ctx, sym]
             r = np.int64(np.uint32(rng) // np.uint32(tot[ctx]))
             low += r * cum
             rng = r * fr
@@ -154,14 +142,26 @@ def _encode_kernel(nib, l_seq, pos, cigar, n_cig, lo, span, out):
                 low, cache, csize, op = _shift_low(low, cache, csize, out, op)
                 if op < 0:
                     return -1
-            f[ctx, b] += _INC
+            f[ctx, sym] += _INC
             tot[ctx] += _INC
             if tot[ctx] > _LIMIT:
                 tot[ctx] = _rescale(f, ctx, _NSYM)
             if j < L:
                 if c >= 0:
                     miss = 1 if c != b else 0
-                _vote(refpos[j], lo, span, cons, votes, b)
+                if k >= 0:  # vote (§12.2)
+                    cc = np.int64(cons[k])
+                    v = np.int64(votes[k])
+                    if cc == 255:
+                        cons[k] = b
+                        votes[k] = 1
+                    elif cc == b:
+                        if v < 255:
+                            votes[k] = v + 1
+                    elif v == 1:
+                        cons[k] = b
+                    else:
+                        votes[k] = v - 1
                 p2 = p1
                 p1 = b
         off += nn
@@ -183,35 +183,45 @@ def _decode_kernel(data, start, l_seq, pos, cigar, n_cig, lo, span, out):
     for i in range(l_seq.shape[0]):
         if l_seq[i] > maxl:
             maxl = l_seq[i]
-    refpos = np.empty(maxl, np.int64)
+    kpos = np.empty(maxl, np.int64)
     end = data.shape[0]
     ip = start
     rng = np.int64(0xFFFFFFFF)
     code = np.int64(0)
     for _ in range(5):
-        b = data[ip] if ip < end else 0
+        x = data[ip] if ip < end else 0
         ip += 1
-        code = ((code << 8) | b) & _MASK32
+        code = ((code << 8) | x) & _MASK32
     off = 0
     c0 = 0
     for i in range(l_seq.shape[0]):
         L = l_seq[i]
         nc = n_cig[i]
-        _align(pos[i], cigar, c0, nc, L, refpos)
+        _align(pos[i], cigar, c0, nc, L, lo, span, kpos)
         c0 += nc
-        p1 = 0
-        p2 = 0
-        miss = 0
+        p1 = np.int64(0)
+        p2 = np.int64(0)
+        miss = np.int64(0)
         nn = L + (L & 1)
         for j in range(nn):
+            k = np.int64(-1)
+            c = np.int64(-1)
             if j < L:
-                ctx, c = _ctx_of(refpos[j], lo, span, cons, votes, miss, p1, p2)
+                k = kpos[j]
+                if k >= 0:
+                    c = np.int64(cons[k])
+                    if c == 255:
+                        c = -1
+                if c >= 0:
+                    v = np.int64(votes[k])
+                    ctx = (c * 4 + (v if v < 3 else 3)) * 2 + miss
+                else:
+                    ctx = _CTX_NOPRED + p1 * 16 + p2
             else:
                 ctx = _CTX_PAD
-                c = -1
             r = rng // tot[ctx]
             cum = 0
-            b = 0
+            b = np.int64(0)
             while True:
                 fr = f[ctx, b]
                 if r * (cum + fr) > code or b == _NSYM - 1:
@@ -229,11 +239,25 @@ def _decode_kernel(data, start, l_seq, pos, cigar, n_cig, lo, span, out):
             tot[ctx] += _INC
             if tot[ctx] > _LIMIT:
                 tot[ctx] = _rescale(f, ctx, _NSYM)
+            if c >= 0:
+                b ^= c
             out[off + j] = b
             if j < L:
                 if c >= 0:
                     miss = 1 if c != b else 0
-                _vote(refpos[j], lo, span, cons, votes, b)
+                if k >= 0:  # vote (§12.2)
+                    cc = np.int64(cons[k])
+                    v = np.int64(votes[k])
+                    if cc == 255:
+                        cons[k] = b
+                        votes[k] = 1
+                    elif cc == b:
+                        if v < 255:
+                            votes[k] = v + 1
+                    elif v == 1:
+                        cons[k] = b
+                    else:
+                        votes[k] = v - 1
                 p2 = p1
                 p1 = b
         off += nn
@@ -331,16 +355,30 @@ def _consensus_kernel(nib, l_seq, pos, cigar, n_cig, lo, span, cons, votes):
     for i in range(l_seq.shape[0]):
         if l_seq[i] > maxl:
             maxl = l_seq[i]
-    refpos = np.empty(maxl, np.int64)
+    kpos = np.empty(maxl, np.int64)
     off = 0
     c0 = 0
     for i in range(l_seq.shape[0]):
         L = l_seq[i]
         nc = n_cig[i]
-        _align(pos[i], cigar, c0, nc, L, refpos)
+        _align(pos[i], cigar, c0, nc, L, lo, span, kpos)
         c0 += nc
         for j in range(L):
-            _vote(refpos[j], lo, span, cons, votes, nib[off + j])
+            k = kpos[j]
+            if k >= 0:
+                b = np.int64(nib[off + j])
+                cc = np.int64(cons[k])
+                v = np.int64(votes[k])
+                if cc == 255:
+                    cons[k] = b
+                    votes[k] = 1
+                elif cc == b:
+                    if v < 255:
+                        votes[k] = v + 1
+                elif v == 1:
+                    cons[k] = b
+                else:
+                    votes[k] = v - 1
         off += L + (L & 1)
 
 
