@@ -2,7 +2,8 @@
 
 A block is the concatenation of one compressed *frame* per stream, in the fixed order of
 :data:`STREAMS`. Each stream is produced by a transform (delta, zigzag, byte shuffle,
-nibble unpacking) followed by zstandard. See docs/FORMAT.md §Block for the exact layout.
+nibble unpacking) followed by zstandard, or by its own coder (names, tags, qualities, and
+in format v1.2 the bases, FORMAT.md §12). See docs/FORMAT.md §6 for the exact layout.
 
 Decoding reproduces the raw BAM records byte for byte.
 """
@@ -42,9 +43,9 @@ STREAMS: tuple[tuple[str, int], ...] = (
     ("name", 1),     # unlinked records: read names, NUL-terminated, concatenated
     ("ncigar", 2),   # n_cigar_op
     ("cigar", 4),    # CIGAR words (uint32 len<<4|op), concatenated
-    ("seq", 1),      # one byte per 4-bit base code (the pad nibble of odd lengths kept)
+    ("seq", 1),      # one byte per 4-bit base code (the pad nibble of odd lengths kept); v1.2: seqcodec
     ("qual", 1),     # Phred qualities, l_seq per record (0xFF for '*'): context-model range coder
-    ("ltags", 4),    # byte length of each record's tag area
+    ("ltags", 4),    # byte length of each record's tag area (zeros with tags method 2)
     ("tags", 1),     # tag areas (key, type, value... exactly as BAM), concatenated
 )
 STREAM_NAMES = tuple(n for n, _ in STREAMS)

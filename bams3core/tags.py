@@ -15,6 +15,11 @@ Encoded form (all little-endian)::
 Values of fixed-size types are stored byte-shuffled; Z/H strings keep their NUL; B arrays
 keep their subtype and count. Vectorised over records; Python loops only run over tag slots
 and distinct layouts.
+
+Method 2 (format v1.2, docs/FORMAT.md §12.3) adds a model byte per column: NM, MC and MD
+columns store a flag per record (0: the block reproduces the value — NM from MD + CIGAR, MC
+from the mate's CIGAR, MD from the block's consensus — 1: stored) and only the stored values;
+each derivation is checked at encode time, so the bytes still round-trip exactly.
 """
 
 from __future__ import annotations
