@@ -62,7 +62,6 @@ def main(argv=None) -> int:
            "streams": {n: int(v) for n, v in zip(STREAM_NAMES, per)}}
 
     # the codec alone: decode every block, then encode it again (single thread)
-    raw = []
     chunk_files = sorted((ds_dir / "data").rglob("*.b3c"))
     by_chunk = {}
     for r in rows:
