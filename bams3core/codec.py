@@ -20,7 +20,7 @@ import zstandard
 
 from .names import decode_names, encode_names
 from .qualcodec import decode_quals, encode_quals
-from .seqcodec import block_consensus, decode_seq, encode_seq
+from .seqcodec import WRITE_MAX_SPAN, block_consensus, decode_seq, encode_seq
 from .tags import TagError, decode_tag_areas, encode_tags, mate_index, tags_method
 from .kernels import find_mates_kernel
 from .shuffle import shuffle, unshuffle
@@ -231,7 +231,7 @@ class BlockEncoder:
         }
         v2 = self.codecs >= CODECS_V2
         if v2:
-            cons = block_consensus(seq, l_seq, pos, cigar, n_cig)
+            cons = block_consensus(seq, l_seq, pos, cigar, n_cig, WRITE_MAX_SPAN)
             md_ref = None if cons is None else (seq, l_seq, pos, *cons)
             tags = encode_tags(u8, tag_off, l_tags, self._cctx["tags"], cigar=cigar, n_cigar=n_cig,
                                mate=mate_index(link), md_ref=md_ref)

@@ -38,7 +38,8 @@ from .qualcodec import _get_varint, _put_varint, _rescale, _shift_low
 
 METHOD_CM = 1
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-MAX_SPAN = 1 << 24  # a block spanning more reference positions is stored with zstd
+MAX_SPAN = 1 << 24  # the most reference positions a decoder accepts (§12.2)
+WRITE_MAX_SPAN = 1 << 22  # the writer codes blocks spanning more with zstd (2 x 4 MiB of model state)
 ZSTD_LEVEL = 7
 
 _NSYM = 16
@@ -304,14 +305,14 @@ def _prep(l_seq, pos, cigar, n_cigar):
 
 
 def encode_seq(nibbles: np.ndarray, l_seq, pos, cigar, n_cigar, cctx: zstandard.ZstdCompressor) -> bytes:
-    """The ``seq`` frame: method 1 when the block's aligned span is at most MAX_SPAN, else zstd."""
+    """The ``seq`` frame: method 1 when the block's aligned span is at most WRITE_MAX_SPAN, else zstd."""
     l_seq, pos, cigar, n_cigar = _prep(l_seq, pos, cigar, n_cigar)
     nib = np.ascontiguousarray(nibbles, dtype=np.uint8)
     if len(nib) != int((l_seq + (l_seq & 1)).sum()) or (nib > 15).any():
         return cctx.compress(nib.tobytes())
     lo, hi = _span_kernel(l_seq, pos, cigar, n_cigar)
     span = int(hi - lo) if hi > lo else 0
-    if span > MAX_SPAN:
+    if span > WRITE_MAX_SPAN:
         return cctx.compress(nib.tobytes())
     lo = int(lo) if span else 0
     out = np.empty(len(nib) // 2 + len(nib) // 8 + 64, np.uint8)
@@ -382,13 +383,14 @@ def _consensus_kernel(nib, l_seq, pos, cigar, n_cig, lo, span, cons, votes):
         off += L + (L & 1)
 
 
-def block_consensus(nibbles, l_seq, pos, cigar, n_cigar):
+def block_consensus(nibbles, l_seq, pos, cigar, n_cigar, max_span: int = MAX_SPAN):
     """(cons, lo): the block's consensus base code per reference position ``lo + k`` (255 where
-    no base aligns), after all records voted as in §12.2; None if the span exceeds MAX_SPAN."""
+    no base aligns), after all records voted as in §12.2; None if the span exceeds ``max_span``
+    (a decoder: MAX_SPAN; the writer derives MD only up to WRITE_MAX_SPAN)."""
     l_seq, pos, cigar, n_cigar = _prep(l_seq, pos, cigar, n_cigar)
     lo, hi = _span_kernel(l_seq, pos, cigar, n_cigar)
     span = int(hi - lo) if hi > lo else 0
-    if span > MAX_SPAN:
+    if span > max_span:
         return None
     lo = int(lo) if span else 0
     cons = np.full(max(span, 1), 255, np.uint8)

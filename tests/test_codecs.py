@@ -102,13 +102,25 @@ def test_seq_method1_round_trips(seed):
 
 def test_seq_falls_back_to_zstd():
     nib = np.array([1, 2, 4, 8], np.uint8)
-    far = np.array([0, 1 << 25], np.int64)  # a span over 2^24 positions
+    far = np.array([0, 1 << 23], np.int64)  # a span over the writer's 2^22 positions
     cig = np.array([2 << 4, 2 << 4], np.uint32)
     frame = encode_seq(nib, [2, 2], far, cig, [1, 1], _Z)
     assert frame[:4] == b"\x28\xb5\x2f\xfd"
     assert decode_seq(frame, [2, 2], far, cig, [1, 1], _DZ).tolist() == nib.tolist()
     bad = np.array([1, 2, 4, 16], np.uint8)  # not nibbles: only zstd keeps them
     assert decode_seq(encode_seq(bad, [4], [0], cig[:1], [1], _Z), [4], [0], cig[:1], [1], _DZ).tolist() == bad.tolist()
+
+
+def test_seq_method1_decodes_spans_up_to_the_format_limit(monkeypatch):
+    """Another writer may use method 1 up to 2^24 positions; the reader must decode it."""
+    import bams3core.seqcodec as sc
+    nib = np.array([1, 2, 4, 8], np.uint8)
+    far = np.array([0, 1 << 23], np.int64)
+    cig = np.array([2 << 4, 2 << 4], np.uint32)
+    monkeypatch.setattr(sc, "WRITE_MAX_SPAN", sc.MAX_SPAN)
+    frame = encode_seq(nib, [2, 2], far, cig, [1, 1], _Z)
+    assert frame[0] == 1
+    assert decode_seq(frame, [2, 2], far, cig, [1, 1], _DZ).tolist() == nib.tolist()
 
 
 def test_seq_method1_corrupt_input_raises_or_decodes_boundedly():
