@@ -32,7 +32,7 @@ from bams3core import layout
 from bams3core.bam import BamHeader, RecordBatch, Reference
 from bams3core.codec import (PLAIN_STREAMS, STREAM_NAMES, BlockColumns, BlockEncoder, CodecError, EncodedBlock,
                              assemble_records, frame_self_checked, split_streams, streams_for)
-from bams3core.index import (ENTRY_DTYPE, ENTRY_DTYPE_WIDE, FORMAT_VERSION, FORMAT_VERSION_WIDE, HEADER_KEY,
+from bams3core.index import (ENTRY_DTYPE, ENTRY_DTYPE_WIDE, HEADER_KEY, writer_version,
                              MANIFEST_KEY, IndexError_, IndexPage, Manifest, ObjectRef,
                              decode_index, encode_index_pages, narrow_entries, select_pages, widen_entries)
 from bams3core.shards import merge_rows
@@ -252,7 +252,7 @@ class DatasetWriter:
             sorted_by=self.sorted_by,
             source=self.source,
             extra=dict(self.extra),
-            version=FORMAT_VERSION_WIDE if self.wide else FORMAT_VERSION,
+            version=writer_version(self.wide),
         )
         if self.lease is not None and not self.lease.holds():
             raise DatasetError(f"{self.store.uri}: this conversion's lease ({layout.lease_key(self.run_id)}) was not "

@@ -2,7 +2,8 @@
 
 A block is the concatenation of one compressed *frame* per stream, in the fixed order of
 :data:`STREAMS`. Each stream is produced by a transform (delta, zigzag, byte shuffle,
-nibble unpacking) followed by zstandard. See docs/FORMAT.md §Block for the exact layout.
+nibble unpacking) followed by zstandard, or by its own coder (names, tags, qualities, and
+in format v1.2 the bases, FORMAT.md §12). See docs/FORMAT.md §6 for the exact layout.
 
 Decoding reproduces the raw BAM records byte for byte.
 """
@@ -18,7 +19,7 @@ import numpy as np
 import zstandard
 
 from .names import decode_names, encode_names
-from .tags import TagError, decode_tags, encode_tags
+from .tags import TagError, decode_tag_areas, encode_tags, mate_index, tags_method
 from .shuffle import shuffle, unshuffle
 from .bam import (FIXED_DTYPE, FIXED_SIZE, WIDE_FIXED_DTYPE, WIDE_FIXED_SIZE, RecordBatch, cigar_ref_lengths,
                   end_positions, fits_bam, gather, reg2bin, scatter, to_bam_layout)
@@ -39,9 +40,9 @@ STREAMS: tuple[tuple[str, int], ...] = (
     ("name", 1),     # unlinked records: read names, NUL-terminated, concatenated
     ("ncigar", 2),   # n_cigar_op
     ("cigar", 4),    # CIGAR words (uint32 len<<4|op), concatenated
-    ("seq", 1),      # one byte per 4-bit base code (the pad nibble of odd lengths kept)
+    ("seq", 1),      # one byte per 4-bit base code (the pad nibble of odd lengths kept); v1.2: seqcodec
     ("qual", 1),     # Phred qualities, l_seq per record (0xFF for '*'): context-model range coder
-    ("ltags", 4),    # byte length of each record's tag area
+    ("ltags", 4),    # byte length of each record's tag area (zeros with tags method 2)
     ("tags", 1),     # tag areas (key, type, value... exactly as BAM), concatenated
 )
 STREAM_NAMES = tuple(n for n, _ in STREAMS)
@@ -53,6 +54,13 @@ WIDE_STREAM_WIDTHS = {"pos": 8, "npos": 8, "tlen": 8}
 
 # zstd level per stream (tuned for size at convert speed); anything absent uses DEFAULT_LEVEL.
 DEFAULT_LEVEL = 3
+
+# Which methods the encoder may use: 1 = those of format v1/v1.1 (zstd `seq`, tags methods
+# 0/1, `ltags` the lengths); 2 = also `seq` method 1 and tags method 2 (format v1.2/v1.3,
+# docs/FORMAT.md §12). The decoder reads both.
+CODECS_V1 = 1
+CODECS_V2 = 2
+CODECS = CODECS_V2
 STREAM_LEVELS = {"name": 5, "seq": 7, "tags": 7, "cigar": 5}
 
 
@@ -147,7 +155,10 @@ def predict_tlen(refid, pos, nref, npos, flag, rlen) -> np.ndarray:
 class BlockEncoder:
     """Encodes record batches into blocks. One per thread (zstd contexts are not shared)."""
 
-    def __init__(self, level_offset: int = 0):
+    def __init__(self, level_offset: int = 0, codecs: int = CODECS):
+        if codecs not in (CODECS_V1, CODECS_V2):
+            raise ValueError(f"unknown codec level {codecs}")
+        self.codecs = codecs
         # plain streams carry zstd's content checksum (4 bytes a frame): a reader that fetches
         # only some frames of a block checks each of them (docs/FORMAT.md §7)
         self._cctx = {name: zstandard.ZstdCompressor(level=max(1, STREAM_LEVELS.get(name, DEFAULT_LEVEL) + level_offset),
@@ -219,16 +230,30 @@ class BlockEncoder:
             "qual": gather(u8, qual_off, l_seq),
             "ltags": l_tags.astype(np.uint32),
         }
+        v2 = self.codecs >= CODECS_V2
+        if v2:
+            from .seqcodec import WRITE_MAX_SPAN, block_consensus, encode_seq  # numba: imported where used
+
+            cons = block_consensus(seq, l_seq, pos, cigar, n_cig, WRITE_MAX_SPAN)
+            md_ref = None if cons is None else (seq, l_seq, pos, *cons)
+            tags = encode_tags(u8, tag_off, l_tags, self._cctx["tags"], cigar=cigar, n_cigar=n_cig,
+                               mate=mate_index(link), md_ref=md_ref)
+        else:
+            tags = encode_tags(u8, tag_off, l_tags, self._cctx["tags"])
+        if tags_method(tags) == 2:  # the tag areas' lengths follow from the frame (§6.8)
+            raw["ltags"] = np.zeros(n, dtype=np.uint32)
         frames = []
         for name, width in STREAMS:
             if name == "tags":
-                frames.append(encode_tags(u8, tag_off, l_tags, self._cctx[name]))
+                frames.append(tags)
             elif name == "name":
                 frames.append(encode_names(raw["name"], l_name[un], self._cctx[name]))
             elif name == "qual":
                 from .qualcodec import encode_quals  # numba: imported where used, not with the codec
 
                 frames.append(encode_quals(raw["qual"], l_seq))
+            elif name == "seq" and v2:
+                frames.append(encode_seq(raw["seq"], l_seq, pos, cigar, n_cig, self._cctx[name]))
             else:
                 if wide:
                     width = WIDE_STREAM_WIDTHS.get(name, width)
@@ -293,9 +318,10 @@ FIELD_STREAMS: dict[str, tuple[str, ...]] = {
     "bin": _ENDS + ("bin",),
     "mate": ("refid", "mate", "nref", "npos", "tlen") + _ENDS,  # next_refid, next_pos, tlen
     "name": ("mate", "lname", "name"),
-    "seq": ("lseq", "seq"),
+    "seq": ("lseq", "seq") + ("pos",) + _CIGAR,   # seq method 1 predicts bases from the block's alignments (§12.2)
     "qual": ("lseq", "qual"),
-    "tags": ("ltags", "tags"),
+    # tags method 2 derives NM/MD/MC from CIGARs, mate links and the block's bases (§12.3)
+    "tags": ("ltags", "tags", "mate", "lseq", "seq", "pos") + _CIGAR,
 }
 ALL_FIELDS = tuple(FIELD_STREAMS)
 # the BlockColumns attribute that decodes each field
@@ -424,9 +450,13 @@ class BlockColumns:
 
     # -- mate fields and names (§6.6) ----------------------------------------------------
     @property
+    def _link(self) -> np.ndarray:
+        return self._cached("link", lambda: self._arr("mate", "<u2").astype(np.int64))
+
+    @property
     def _links(self):
         def make():
-            link = self._arr("mate", "<u2").astype(np.int64)
+            link = self._link
             un = link == 0
             tgt = np.arange(self.n) - link
             if (tgt < 0).any() or (link[tgt[~un]] != 0).any():
@@ -503,9 +533,14 @@ class BlockColumns:
     # -- variable fields -----------------------------------------------------------------
     @property
     def seq(self) -> np.ndarray:
-        """4-bit base codes, one byte each, ``2*((l_seq+1)//2)`` per record (§6.4)."""
+        """4-bit base codes, one byte each, ``2*((l_seq+1)//2)`` per record (§6.4, §12.2)."""
         def make():
-            seq = np.frombuffer(self._raw("seq"), dtype=np.uint8)
+            from .seqcodec import decode_seq  # numba: imported where used, not with the codec
+
+            try:
+                seq = decode_seq(self.frames["seq"], self.l_seq, self.pos, self.cigar, self.n_cigar, _dctx())
+            except ValueError as e:
+                raise CodecError(str(e)) from None
             if len(seq) != 2 * ((self.l_seq + 1) // 2).sum():
                 raise CodecError("stream lengths disagree with the record counts")
             return seq
@@ -528,20 +563,41 @@ class BlockColumns:
 
     @property
     def l_tags(self) -> np.ndarray:
-        return self._cached("l_tags", lambda: self._arr("ltags", "<u4").astype(np.int64))
+        """Each record's tag area length (from the ``ltags`` stream, or, with tags method 2,
+        from the tags frame itself: §12.3)."""
+        return self._tag_areas[1]
 
     @property
     def tags(self) -> np.ndarray:
         """Tag areas exactly as BAM stores them, concatenated (split by :attr:`l_tags`)."""
+        return self._tag_areas[0]
+
+    @property
+    def _tag_areas(self) -> tuple[np.ndarray, np.ndarray]:
         def make():
+            l_tags = self._arr("ltags", "<u4").astype(np.int64)
+            frame = self.frames["tags"]
             try:
-                tags = decode_tags(self.frames["tags"], self.l_tags, _dctx())
-            except (TagError, zstandard.ZstdError, struct.error, IndexError) as e:
+                if tags_method(frame) == 2:
+                    if l_tags.any():
+                        raise CodecError("the ltags stream of a block with method-2 tags holds non-zero values")
+
+                    def md_ref():  # the block's consensus, for a derived MD column (§12.3)
+                        from .seqcodec import block_consensus
+
+                        cons = block_consensus(self.seq, self.l_seq, self.pos, self.cigar, self.n_cigar)
+                        return None if cons is None else (self.seq, self.l_seq, self.pos, *cons)
+
+                    tags, l_tags = decode_tag_areas(frame, self.n, _dctx(), cigar=self.cigar, n_cigar=self.n_cigar,
+                                                    mate=mate_index(self._link), md_ref=md_ref)
+                else:
+                    tags, _ = decode_tag_areas(frame, self.n, _dctx(), l_tags=l_tags)
+            except (TagError, zstandard.ZstdError, struct.error, IndexError, ValueError) as e:
                 raise CodecError(f"corrupt tags stream ({e})") from None
-            if len(tags) != self.l_tags.sum():
+            if len(tags) != l_tags.sum():
                 raise CodecError("stream lengths disagree with the record counts")
-            return tags
-        return self._cached("tags", make)
+            return tags, np.asarray(l_tags, dtype=np.int64)
+        return self._cached("tag_areas", make)
 
 
 def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_start: int,

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import zstandard
 
-from .codec import NSTREAMS, STREAM_NAMES
+from .codec import CODECS, CODECS_V2, NSTREAMS, STREAM_NAMES
 from .shuffle import shuffle, unshuffle
 
 FORMAT_NAME = "bams3"
@@ -28,7 +28,18 @@ FORMAT_VERSION = 1
 # Format v1.1 (docs/FORMAT.md §11): 64-bit positions. Written only for data that needs it.
 # A v1 reader rejects it at the manifest's `version` (it accepts only the integer 1).
 FORMAT_VERSION_WIDE = "1.1"
-READ_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_WIDE)
+# Format v1.2 / v1.3 (docs/FORMAT.md §12): v1 / v1.1 whose blocks may use the codec methods
+# of §12 (`seq` method 1, tags method 2). What bams3 >= 0.3 writes.
+FORMAT_VERSION_CODECS = "1.2"
+FORMAT_VERSION_WIDE_CODECS = "1.3"
+READ_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_WIDE, FORMAT_VERSION_CODECS, FORMAT_VERSION_WIDE_CODECS)
+
+
+def writer_version(wide: bool, codecs: int = CODECS) -> int | str:
+    """The manifest ``version`` of a dataset written with codec level ``codecs`` (§12)."""
+    if codecs >= CODECS_V2:
+        return FORMAT_VERSION_WIDE_CODECS if wide else FORMAT_VERSION_CODECS
+    return FORMAT_VERSION_WIDE if wide else FORMAT_VERSION
 INDEX_VERSION_WIDE = 0x0101  # the index page header's u16 version in v1.1 (major 1, minor 1)
 MANIFEST_KEY = "manifest.json"
 HEADER_KEY = "header.sam"
@@ -228,7 +239,7 @@ class Manifest:
     sorted_by: str = "input"               # "input": already coordinate-sorted; "bams3": sorted on convert
     source: str = ""
     format: str = FORMAT_NAME
-    version: int | str = FORMAT_VERSION    # 1, or "1.1" for a dataset of wide records
+    version: int | str = FORMAT_VERSION    # 1; "1.1": wide records; "1.2"/"1.3": the same with §12 codecs
     streams: list[str] = field(default_factory=lambda: list(STREAM_NAMES))
     compression: str = "zstd"
     extra: dict = field(default_factory=dict)
@@ -280,7 +291,7 @@ class Manifest:
     @property
     def wide(self) -> bool:
         """A v1.1 dataset: wide records (64-bit positions), v1.1 blocks and index pages."""
-        return self.version == FORMAT_VERSION_WIDE
+        return self.version in (FORMAT_VERSION_WIDE, FORMAT_VERSION_WIDE_CODECS)
 
     @property
     def ref_ids(self) -> dict[str, int]:

@@ -407,3 +407,159 @@ def flagstat_kernel(flag, mapq, refid, next_refid, out):
         out[row, 13] += paired and (not mmapped) and mapped
         out[row, 14] += diff
         out[row, 15] += diff and mapq[i] >= 5
+
+
+# -- derived tags (tags method 2): NM from MD + CIGAR, MC from the mate's CIGAR -----------------
+_CIGAR_CHARS = np.frombuffer(b"MIDNSHP=X", dtype=np.uint8)
+
+
+@njit(cache=True, nogil=True)
+def nm_from_md_kernel(md, md_start, md_len, cigar, cig_start, n_cig, out):
+    """out[k] = NM implied by the MD string ``md[md_start[k]:+md_len[k]]`` (its NUL excluded) and
+    the record's CIGAR: mismatch letters of MD (letters after ``^`` up to the next digit are
+    deleted bases, not counted) plus the lengths of the I and D operations; -1 if a byte of MD
+    is neither a digit, a letter nor ``^``."""
+    for k in range(md_start.shape[0]):
+        n = np.int64(0)
+        in_del = False
+        ok = True
+        for p in range(md_start[k], md_start[k] + md_len[k]):
+            c = md[p]
+            if c >= 48 and c <= 57:
+                in_del = False
+            elif c == 94:
+                in_del = True
+            elif (c >= 65 and c <= 90) or (c >= 97 and c <= 122):
+                if not in_del:
+                    n += 1
+            else:
+                ok = False
+                break
+        if not ok:
+            out[k] = -1
+            continue
+        for j in range(cig_start[k], cig_start[k] + n_cig[k]):
+            op = cigar[j] & 0xF
+            if op == 1 or op == 2:
+                n += np.int64(cigar[j] >> 4)
+        out[k] = n
+
+
+@njit(cache=True, nogil=True)
+def cigar_text_kernel(cigar, cig_start, n_cig, chars, out, out_start):
+    """The SAM text of CIGARs (``*`` if empty), NUL-terminated, written at ``out[out_start[k]:]``;
+    with ``out`` None-sized (length 0) only the lengths are returned in ``out_start[k+1]-...``.
+    Returns the total length written (or needed)."""
+    p = 0
+    digits = np.empty(12, np.uint8)
+    for k in range(cig_start.shape[0]):
+        out_start[k] = p
+        if n_cig[k] == 0:
+            if out.shape[0]:
+                out[p] = 42
+            p += 1
+        for j in range(cig_start[k], cig_start[k] + n_cig[k]):
+            ln = np.int64(cigar[j] >> 4)
+            op = cigar[j] & 0xF
+            nd = 0
+            while True:
+                digits[nd] = 48 + ln % 10
+                nd += 1
+                ln //= 10
+                if ln == 0:
+                    break
+            for d in range(nd):
+                if out.shape[0]:
+                    out[p] = digits[nd - 1 - d]
+                p += 1
+            if out.shape[0]:
+                out[p] = chars[op] if op < 9 else 63
+            p += 1
+        if out.shape[0]:
+            out[p] = 0
+        p += 1
+    out_start[cig_start.shape[0]] = p
+    return p
+
+
+_MD_BASES = np.frombuffer(b"=ACMGRSVTWYHKDBN", dtype=np.uint8)
+
+
+@njit(cache=True, nogil=True)
+def _put_int(out, p, v, digits):
+    nd = 0
+    while True:
+        digits[nd] = 48 + v % 10
+        nd += 1
+        v //= 10
+        if v == 0:
+            break
+    for d in range(nd):
+        if out.shape[0]:
+            out[p] = digits[nd - 1 - d]
+        p += 1
+    return p
+
+
+@njit(cache=True, nogil=True)
+def md_predict_kernel(nib, nib_start, l_seq, pos, cigar, cig_start, n_cig, cons, lo, chars, out, out_start, ok):
+    """The MD text (NUL-terminated) each record would have against the block consensus
+    ``cons`` (positions ``lo + k``; 255 = none) as the reference: aligned bases (M = X) that
+    differ from it are mismatches, D bases are deleted reference bases; ok[k] = 0 where a
+    needed consensus base is missing. ``out`` of length 0: only the sizes (out_start)."""
+    span = cons.shape[0]
+    p = 0
+    digits = np.empty(24, np.uint8)
+    for k in range(nib_start.shape[0]):
+        out_start[k] = p
+        ok[k] = 1
+        u = 0
+        q = 0
+        r = pos[k]
+        L = l_seq[k]
+        for j in range(cig_start[k], cig_start[k] + n_cig[k]):
+            ln = np.int64(cigar[j] >> 4)
+            op = cigar[j] & 0xF
+            if op == 0 or op == 7 or op == 8:
+                for t in range(ln):
+                    if r < lo or r >= lo + span or cons[r - lo] == 255 or q >= L:
+                        ok[k] = 0
+                        break
+                    c = cons[r - lo]
+                    b = nib[nib_start[k] + q]
+                    if b == c:
+                        u += 1
+                    else:
+                        p = _put_int(out, p, u, digits)
+                        if out.shape[0]:
+                            out[p] = chars[c]
+                        p += 1
+                        u = 0
+                    q += 1
+                    r += 1
+            elif op == 1 or op == 4:
+                q += ln
+            elif op == 2:
+                p = _put_int(out, p, u, digits)
+                if out.shape[0]:
+                    out[p] = 94
+                p += 1
+                for t in range(ln):
+                    if r < lo or r >= lo + span or cons[r - lo] == 255:
+                        ok[k] = 0
+                        break
+                    if out.shape[0]:
+                        out[p] = chars[cons[r - lo]]
+                    p += 1
+                    r += 1
+                u = 0
+            elif op == 3:
+                r += ln
+            if ok[k] == 0:
+                break
+        p = _put_int(out, p, u, digits)
+        if out.shape[0]:
+            out[p] = 0
+        p += 1
+    out_start[nib_start.shape[0]] = p
+    return p

@@ -15,6 +15,11 @@ Encoded form (all little-endian)::
 Values of fixed-size types are stored byte-shuffled; Z/H strings keep their NUL; B arrays
 keep their subtype and count. Vectorised over records; Python loops only run over tag slots
 and distinct layouts.
+
+Method 2 (format v1.2, docs/FORMAT.md §12.3) adds a model byte per column: NM, MC and MD
+columns store a flag per record (0: the block reproduces the value — NM from MD + CIGAR, MC
+from the mate's CIGAR, MD from the block's consensus — 1: stored) and only the stored values;
+each derivation is checked at encode time, so the bytes still round-trip exactly.
 """
 
 from __future__ import annotations
@@ -116,8 +121,160 @@ def _kbytes(key: int) -> bytes:
     return bytes([(key >> 16) & 0xFF, (key >> 8) & 0xFF, key & 0xFF])
 
 
-def encode_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray, cctx: zstandard.ZstdCompressor) -> bytes:
-    """Columnar encoding of the tag areas; falls back to raw bytes if they do not parse."""
+def _key3(s: bytes) -> int:
+    return (s[0] << 16) | (s[1] << 8) | s[2]
+
+
+MODEL_PLAIN = 0  # the column's values (as method 1)
+MODEL_NM = 1     # NM (integer types) from the record's MD:Z and CIGAR
+MODEL_MC = 2     # MC:Z = the CIGAR of the record's mate in the block
+MODEL_MD = 3     # MD:Z = the record against the block's consensus (§12.2) as the reference
+_KEY_MD = _key3(b"MDZ")
+_KEY_MC = _key3(b"MCZ")
+_INT_DTYPES = {ord("c"): "i1", ord("C"): "u1", ord("s"): "<i2", ord("S"): "<u2", ord("i"): "<i4", ord("I"): "<u4"}
+
+
+def _model_of(key: int, keys, md_ref=None) -> int:
+    if key == _KEY_MD and md_ref is not None:
+        return MODEL_MD
+    if key >> 8 == (ord("N") << 8 | ord("M")) and (key & 0xFF) in _INT_DTYPES and _KEY_MD in keys:
+        return MODEL_NM
+    if key == _KEY_MC:
+        return MODEL_MC
+    return MODEL_PLAIN
+
+
+def _rows_with(layout_ids: np.ndarray, layouts, key: int) -> np.ndarray:
+    """The records (in order) whose layout holds ``key``."""
+    has = np.array([key in lay for lay in layouts], dtype=bool)
+    return np.flatnonzero(has[layout_ids])
+
+
+def _z_split(vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length without the NUL) of each NUL-terminated string of a Z column."""
+    z = np.flatnonzero(vals == 0)
+    start = np.concatenate([[0], z[:-1] + 1]).astype(np.int64) if len(z) else np.zeros(0, np.int64)
+    return start, z.astype(np.int64) - start
+
+
+def mate_index(link: np.ndarray) -> np.ndarray:
+    """The mate of each record in the block from the codec's mate links (§6.6), -1 if none:
+    a linked record's mate is its target, and a target's mate is the last record linked to it."""
+    link = np.asarray(link, dtype=np.int64)
+    n = len(link)
+    mate = np.full(n, -1, dtype=np.int64)
+    src = np.flatnonzero(link > 0)
+    mate[src] = src - link[src]
+    mate[src - link[src]] = src  # fancy assignment: the last of repeated targets wins
+    return mate
+
+
+def _cigar_starts(n_cigar: np.ndarray) -> np.ndarray:
+    n_cigar = np.asarray(n_cigar, dtype=np.int64)
+    st = np.zeros(len(n_cigar), dtype=np.int64)
+    np.cumsum(n_cigar[:-1], out=st[1:])
+    return st
+
+
+def _derived_nm(md_vals, md_rows, rows, cigar, cig_start, n_cig) -> np.ndarray:
+    """NM implied by MD + CIGAR for each of ``rows`` (-1 where the record has no MD)."""
+    out = np.full(len(rows), -1, dtype=np.int64)
+    if not len(md_rows) or not len(rows):
+        return out
+    ms, ml = _z_split(md_vals)
+    idx = np.minimum(np.searchsorted(md_rows, rows), len(md_rows) - 1)
+    ok = md_rows[idx] == rows
+    if ok.any():
+        from .kernels import nm_from_md_kernel  # numba: imported where used, not with the codec
+
+        r = rows[ok]
+        sub = np.empty(int(ok.sum()), dtype=np.int64)
+        nm_from_md_kernel(np.ascontiguousarray(md_vals, dtype=np.uint8), ms[idx[ok]], ml[idx[ok]],
+                          cigar, np.ascontiguousarray(cig_start[r]), np.ascontiguousarray(n_cig[r]), sub)
+        out[ok] = sub
+    return out
+
+
+def _cigar_texts(cigar, cig_start, n_cig, recs) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes, starts): the NUL-terminated SAM CIGAR text of each record in ``recs``."""
+    from .kernels import _CIGAR_CHARS, cigar_text_kernel  # numba: imported where used
+
+    cs = np.ascontiguousarray(cig_start[recs], dtype=np.int64)
+    nc = np.ascontiguousarray(n_cig[recs], dtype=np.int64)
+    st = np.zeros(len(recs) + 1, dtype=np.int64)
+    total = cigar_text_kernel(cigar, cs, nc, _CIGAR_CHARS, np.empty(0, np.uint8), st)
+    out = np.empty(total, np.uint8)
+    cigar_text_kernel(cigar, cs, nc, _CIGAR_CHARS, out, st)
+    return out, st
+
+
+def _cigar_args(cigar, n_cigar):
+    cigar = np.ascontiguousarray(cigar, dtype=np.uint32)
+    n_cig = np.ascontiguousarray(n_cigar, dtype=np.int64)
+    return cigar, n_cig, _cigar_starts(n_cig)
+
+
+def _md_texts(md_ref, cigar, cig_start, n_cig, recs):
+    """(bytes, starts, ok): the MD text of each record in ``recs`` against the block consensus."""
+    from .kernels import _MD_BASES, md_predict_kernel  # numba: imported where used
+
+    nib, l_seq, pos, cons, lo = md_ref
+    l_seq = np.asarray(l_seq, dtype=np.int64)
+    nst = np.zeros(len(l_seq), dtype=np.int64)
+    np.cumsum((l_seq + (l_seq & 1))[:-1], out=nst[1:])
+    args = (np.ascontiguousarray(nib, dtype=np.uint8), np.ascontiguousarray(nst[recs]),
+            np.ascontiguousarray(l_seq[recs]), np.ascontiguousarray(np.asarray(pos, dtype=np.int64)[recs]),
+            cigar, np.ascontiguousarray(cig_start[recs], dtype=np.int64),
+            np.ascontiguousarray(n_cig[recs], dtype=np.int64), cons, int(lo), _MD_BASES)
+    st = np.zeros(len(recs) + 1, dtype=np.int64)
+    ok = np.zeros(len(recs), dtype=np.uint8)
+    total = md_predict_kernel(*args, np.empty(0, np.uint8), st, ok)
+    out = np.empty(total, np.uint8)
+    md_predict_kernel(*args, out, st, ok)
+    return out, st, ok.astype(bool)
+
+
+def _encode_derived(model, key, vals, rows, cols, layout_ids, layouts, cigar, n_cig, cig_start, mate, md_ref=None):
+    """(flags, explicit values) of a derived column: flag 0 = the derivation gives the value."""
+    t = key & 0xFF
+    if model == MODEL_NM:
+        w = _FIXED[t]
+        v = (unshuffle(vals, w, _INT_DTYPES[t]) if w > 1 else vals.view(_INT_DTYPES[t])).astype(np.int64)
+        d = _derived_nm(cols[_KEY_MD], _rows_with(layout_ids, layouts, _KEY_MD), rows, cigar, cig_start, n_cig)
+        miss = d != v
+        ex = v[miss].astype(_INT_DTYPES[t])
+        return miss.astype(np.uint8), np.frombuffer(shuffle(ex, w), dtype=np.uint8)
+    ms, ml = _z_split(vals)
+    if model == MODEL_MD:
+        txt, st, good = _md_texts(md_ref, cigar, cig_start, n_cig, rows)
+        tl = np.diff(st) - 1
+        miss = ~good | (tl != ml)
+    else:  # MODEL_MC
+        m = mate[rows]
+        txt, st = _cigar_texts(cigar, cig_start, n_cig, np.where(m >= 0, m, rows))
+        tl = np.diff(st) - 1
+        miss = (m < 0) | (tl != ml)
+    same = np.flatnonzero(~miss)
+    if len(same):
+        a = gather(txt, st[:-1][same], tl[same])
+        b = gather(vals, ms[same], ml[same])
+        cs = np.concatenate([[0], np.cumsum(a != b)])
+        ends = np.cumsum(tl[same])
+        bad = cs[ends] - cs[ends - tl[same]]
+        miss[same[bad > 0]] = True
+    mi = np.flatnonzero(miss)
+    return miss.astype(np.uint8), gather(vals, ms[mi], ml[mi] + 1)
+
+
+def encode_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray, cctx: zstandard.ZstdCompressor, *,
+                cigar: np.ndarray | None = None, n_cigar: np.ndarray | None = None,
+                mate: np.ndarray | None = None, md_ref=None) -> bytes:
+    """Columnar encoding of the tag areas; falls back to raw bytes if they do not parse.
+
+    With the block's CIGARs (``cigar`` words, ``n_cigar`` per record) and mates (``mate``:
+    record index or -1, :func:`mate_index`) the frame is method 2: NM and MC values the
+    block's own data reproduce are not stored (§12.3); with ``md_ref`` = (nibbles, l_seq,
+    pos, consensus, lo) (:func:`bams3core.seqcodec.block_consensus`) MD values neither."""
     buf = gather(buf, starts, lens)  # work on this block's tag bytes only
     starts = np.zeros(len(lens), dtype=np.int64)
     np.cumsum(lens[:-1], out=starts[1:])
@@ -127,28 +284,64 @@ def encode_tags(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray, cctx: zst
         return b"\x00" + cctx.compress(gather(buf, starts, lens).tobytes())
     if len(layouts) > 0xFFFF:
         return b"\x00" + cctx.compress(gather(buf, starts, lens).tobytes())
-    head = [b"\x01", struct.pack("<I", len(layouts))]
+    v2 = cigar is not None
+    head = [b"\x02" if v2 else b"\x01", struct.pack("<I", len(layouts))]
     for lay in layouts:
         head.append(struct.pack("<H", len(lay)))
         head.extend(_kbytes(k) for k in lay)
     ids = layout_ids.astype("<u2")
     payloads = [cctx.compress(shuffle(ids))]
     head.append(struct.pack("<I", len(cols)))
+    if v2:
+        cigar, n_cig, cig_start = _cigar_args(cigar, n_cigar)
+        mate = np.asarray(mate, dtype=np.int64)
     for key, vals in cols.items():
-        payload = cctx.compress(vals.tobytes())
-        head.append(_kbytes(key) + struct.pack("<I", len(payload)))
+        model = _model_of(key, cols, md_ref) if v2 else MODEL_PLAIN
+        if model == MODEL_PLAIN:
+            payload = cctx.compress(vals.tobytes())
+        else:
+            rows = _rows_with(layout_ids, layouts, key)
+            flags, explicit = _encode_derived(model, key, vals, rows, cols, layout_ids, layouts,
+                                              cigar, n_cig, cig_start, mate, md_ref)
+            f = cctx.compress(flags.tobytes())
+            payload = struct.pack("<I", len(f)) + f + cctx.compress(explicit.tobytes())
+        head.append(_kbytes(key) + (bytes((model,)) if v2 else b"") + struct.pack("<I", len(payload)))
         payloads.append(payload)
     return b"".join(head) + struct.pack("<I", len(payloads[0])) + b"".join(payloads)
 
 
-def decode_tags(data: bytes, l_tags: np.ndarray, dctx: zstandard.ZstdDecompressor) -> np.ndarray:
+def tags_method(frame: bytes) -> int:
+    """The method byte of a tags frame (2: the record's tag-area lengths come from the frame)."""
+    if not frame:
+        raise TagError("empty tags stream")
+    return frame[0]
+
+
+def decode_tags(data: bytes, l_tags: np.ndarray, dctx: zstandard.ZstdDecompressor, *,
+                cigar: np.ndarray | None = None, n_cigar: np.ndarray | None = None,
+                mate: np.ndarray | None = None, md_ref=None) -> np.ndarray:
     """Inverse of :func:`encode_tags`: the concatenated tag areas (uint8)."""
+    return decode_tag_areas(data, len(l_tags), dctx, l_tags=l_tags, cigar=cigar, n_cigar=n_cigar, mate=mate,
+                            md_ref=md_ref)[0]
+
+
+def decode_tag_areas(data: bytes, n: int, dctx: zstandard.ZstdDecompressor, *, l_tags: np.ndarray | None = None,
+                     cigar=None, n_cigar=None, mate=None, md_ref=None) -> tuple[np.ndarray, np.ndarray]:
+    """(areas, l_tags) of ``n`` records. ``l_tags`` may be None for a method-2 frame (whose
+    values give each area's length); method 2 also needs the block's ``cigar``, ``n_cigar``
+    and ``mate`` (:func:`mate_index`) when it has derived columns, and ``md_ref`` (as for
+    :func:`encode_tags`, or a function returning it) for a derived MD column."""
     if not data:
         raise TagError("empty tags stream")
     if data[0] == 0:
-        return np.frombuffer(dctx.decompress(data[1:]), dtype=np.uint8)
-    if data[0] != 1:
+        if l_tags is None:
+            raise TagError("a raw tags frame needs the tag-area lengths")
+        return np.frombuffer(dctx.decompress(data[1:]), dtype=np.uint8), np.asarray(l_tags, dtype=np.int64)
+    if data[0] not in (1, 2):
         raise TagError("unknown tags encoding")
+    v2 = data[0] == 2
+    if l_tags is None and not v2:
+        raise TagError("a method-1 tags frame needs the tag-area lengths")
     p = 1
     (nlay,) = struct.unpack_from("<I", data, p)
     p += 4
@@ -160,14 +353,16 @@ def decode_tags(data: bytes, l_tags: np.ndarray, dctx: zstandard.ZstdDecompresso
         p += 3 * nt
     (ncol,) = struct.unpack_from("<I", data, p)
     p += 4
-    colkeys, colsizes = [], []
+    colkeys, colsizes, models = [], [], []
     for _ in range(ncol):
         colkeys.append((data[p] << 16) | (data[p + 1] << 8) | data[p + 2])
-        colsizes.append(struct.unpack_from("<I", data, p + 3)[0])
-        p += 7
+        p += 3
+        models.append(data[p] if v2 else MODEL_PLAIN)
+        p += 1 if v2 else 0
+        colsizes.append(struct.unpack_from("<I", data, p)[0])
+        p += 4
     (idsize,) = struct.unpack_from("<I", data, p)
     p += 4
-    n = len(l_tags)
     raw_ids = np.frombuffer(dctx.decompress(data[p:p + idsize]), dtype=np.uint8)
     p += idsize
     if len(raw_ids) != 2 * n:
@@ -175,31 +370,56 @@ def decode_tags(data: bytes, l_tags: np.ndarray, dctx: zstandard.ZstdDecompresso
     ids = unshuffle(raw_ids, 2, "<u2").astype(np.int64)
     if n and ids.max() >= nlay:
         raise TagError("bad tag layout id")
+    if len(set(colkeys)) != len(colkeys):
+        raise TagError("a tag column is repeated")
     colvals = {}
-    for key, size in zip(colkeys, colsizes):
-        colvals[key] = np.frombuffer(dctx.decompress(data[p:p + size]), dtype=np.uint8)
+    derived = {}
+    for key, size, model in zip(colkeys, colsizes, models):
+        body = data[p:p + size]
         p += size
-    # value lengths per record per slot: recompute from the values themselves
-    out = np.empty(int(l_tags.sum()), dtype=np.uint8)
-    rec_start = np.zeros(n, dtype=np.int64)
-    np.cumsum(l_tags[:-1], out=rec_start[1:])
-    cursor = rec_start.copy()
-    colpos = {k: 0 for k in colkeys}
+        if model == MODEL_PLAIN:
+            colvals[key] = np.frombuffer(dctx.decompress(body), dtype=np.uint8)
+        elif model in (MODEL_NM, MODEL_MC, MODEL_MD):
+            if (model == MODEL_NM) != (_model_of(key, colkeys) == MODEL_NM) or \
+                    (model == MODEL_MC and key != _KEY_MC) or (model == MODEL_MD and key != _KEY_MD):
+                raise TagError("bad derived tag column")
+            (fs,) = struct.unpack_from("<I", body, 0)
+            flags = np.frombuffer(dctx.decompress(body[4:4 + fs]), dtype=np.uint8)
+            explicit = np.frombuffer(dctx.decompress(body[4 + fs:]), dtype=np.uint8)
+            derived[key] = (model, flags, explicit)
+        else:
+            raise TagError("unknown tag column model")
     maxslots = max((len(l) for l in layouts), default=0)
     lay_arr = np.full((max(nlay, 1), maxslots), -1, dtype=np.int64)
     for i, l in enumerate(layouts):
         lay_arr[i, :len(l)] = l
     K = lay_arr[ids] if n else np.zeros((0, maxslots), dtype=np.int64)
-    # per column: record rows in record order, and per-row value sizes
+    # per column: record rows in record order
     col_rows: dict[int, list] = {}
     for s in range(maxslots):
         ks = K[:, s]
         for key in np.unique(ks[ks >= 0]):
             col_rows.setdefault(int(key), []).append((s, np.flatnonzero(ks == key)))
-    # value sizes per (row, slot)
-    sizes = np.zeros((n, maxslots), dtype=np.int64)
-    for key, lst in col_rows.items():
-        rows = np.sort(np.concatenate([r for _, r in lst]))
+    rows_of = {key: np.sort(np.concatenate([r for _, r in lst])) for key, lst in col_rows.items()}
+    if derived:
+        if cigar is None or n_cigar is None or mate is None:
+            raise TagError("derived tag columns need the block's CIGARs and mates")
+        cig, n_cig, cig_start = _cigar_args(cigar, n_cigar)
+        mate = np.asarray(mate, dtype=np.int64)
+        if any(m == MODEL_MD for m, _, _ in derived.values()):
+            if callable(md_ref):
+                md_ref = md_ref()
+            if md_ref is None:
+                raise TagError("a derived MD column needs the block's consensus")
+        # plain columns are all decoded here; MD before NM, which derives from it
+        for key, (model, flags, explicit) in sorted(derived.items(), key=lambda kv: kv[1][0] != MODEL_MD):
+            rows = rows_of.get(key, np.zeros(0, np.int64))
+            if len(flags) != len(rows) or (flags > 1).any():
+                raise TagError("tag column size mismatch")
+            colvals[key] = _decode_derived(model, key, rows, flags, explicit, colvals, rows_of, cig, n_cig,
+                                           cig_start, mate, md_ref)
+    rec_len = np.zeros(n, dtype=np.int64)
+    for key, rows in rows_of.items():
         vals = colvals.get(key)
         if vals is None:
             raise TagError("missing tag column")
@@ -220,7 +440,6 @@ def decode_tags(data: bytes, l_tags: np.ndarray, dctx: zstandard.ZstdDecompresso
             lens = np.zeros(len(rows), dtype=np.int64)
             q = 0
             # B arrays: subtype + count header per value (sequential, small counts of rows)
-            hdr_sub = []
             for r in range(len(rows)):
                 if q + 5 > len(vals):
                     raise TagError("truncated B array column")
@@ -235,6 +454,17 @@ def decode_tags(data: bytes, l_tags: np.ndarray, dctx: zstandard.ZstdDecompresso
         else:
             raise TagError("unknown tag type")
         colvals[key] = (rows, vals, lens)
+        rec_len[rows] += 3 + lens
+    if l_tags is None:
+        l_tags = rec_len
+    else:
+        l_tags = np.asarray(l_tags, dtype=np.int64)
+    out = np.empty(int(l_tags.sum()), dtype=np.uint8)
+    rec_start = np.zeros(n, dtype=np.int64)
+    np.cumsum(l_tags[:-1], out=rec_start[1:])
+    cursor = rec_start.copy()
+    if (rec_len != l_tags).any():
+        raise TagError("tag areas do not add up")
     # write slot by slot
     for s in range(maxslots):
         ks = K[:, s]
@@ -253,4 +483,50 @@ def decode_tags(data: bytes, l_tags: np.ndarray, dctx: zstandard.ZstdDecompresso
             cursor[rows_s] += vlen
     if (cursor != rec_start + l_tags).any():
         raise TagError("tag areas do not add up")
+    return out, l_tags
+
+
+def _decode_derived(model, key, rows, flags, explicit, colvals, rows_of, cigar, n_cig, cig_start, mate, md_ref):
+    """The full column (as method 1 stores it) of a derived column."""
+    t = key & 0xFF
+    use = np.flatnonzero(flags == 0)
+    if model == MODEL_NM:
+        w = _FIXED[t]
+        dt = np.dtype(_INT_DTYPES[t])
+        nex = int(len(rows) - len(use))
+        if len(explicit) != w * nex:
+            raise TagError("tag column size mismatch")
+        ex = unshuffle(explicit, w, dt) if w > 1 else explicit.view(dt)
+        md = colvals.get(_KEY_MD)
+        if md is None:
+            raise TagError("missing tag column")
+        d = _derived_nm(md, rows_of.get(_KEY_MD, np.zeros(0, np.int64)), rows[use], cigar, cig_start, n_cig)
+        info = np.iinfo(dt)
+        if ((d < info.min) | (d > info.max)).any():
+            raise TagError("a derived NM does not fit its type")
+        v = np.empty(len(rows), dtype=dt)
+        v[use] = d
+        v[flags == 1] = ex
+        return np.frombuffer(shuffle(v, w), dtype=np.uint8)
+    if model == MODEL_MD:
+        txt, st, good = _md_texts(md_ref, cigar, cig_start, n_cig, rows[use])
+        if not good.all():
+            raise TagError("a derived MD without a consensus")
+    else:  # MODEL_MC
+        m = mate[rows[use]]
+        if (m < 0).any() or (m >= len(n_cig)).any():
+            raise TagError("a derived MC without a mate")
+        txt, st = _cigar_texts(cigar, cig_start, n_cig, m)
+    es, el = _z_split(explicit)
+    miss = np.flatnonzero(flags == 1)
+    if len(es) != len(miss) or (len(explicit) and explicit[-1] != 0):
+        raise TagError("tag column size mismatch")
+    lens = np.zeros(len(rows), dtype=np.int64)
+    lens[use] = np.diff(st)
+    lens[miss] = el + 1
+    starts = np.zeros(len(rows), dtype=np.int64)
+    np.cumsum(lens[:-1], out=starts[1:])
+    out = np.empty(int(lens.sum()), dtype=np.uint8)
+    scatter(out, starts[use], lens[use], txt)
+    scatter(out, starts[miss], lens[miss], gather(explicit, es, el + 1))
     return out

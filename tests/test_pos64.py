@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -10,7 +11,10 @@ import pysam
 import pytest
 
 from bams3core.bam import RecordBatch, WIDE_FIXED_DTYPE, WIDE_FIXED_SIZE, fits_bam, to_bam_layout
-from bams3core.codec import BlockEncoder, decode_block
+from bams3.dataset import Dataset
+from bams3.store import LocalStore
+import bams3core.codec as codec
+from bams3core.codec import CODECS_V1, BlockEncoder, decode_block
 from bams3core.index import (ENTRY_DTYPE_WIDE, IndexError_, Manifest, check_version, decode_index,
                              encode_index)
 from conftest_data import run_cli
@@ -54,19 +58,9 @@ def ordinary_sam() -> str:
     return "\n".join(lines) + "\n"
 
 
-# SHA-256s of what main (f9946ce) writes for ordinary_sam(): chunks, index objects, header.
+# SHA-256s of what main (f9946ce) writes for ordinary_sam(): the chunk (v1 codecs), the header.
 MAIN_CHUNKS = ["8f8dc38ce834f9ca319c216a775edc5ab13372ad1e76a63ef4e43aa299f2ba2b"]
-MAIN_INDEX = ["5da8a03f2e07de7a91844da5a420d252abb7a62ff0093f6f0395d53c710175a7",
-              "918d51a5b4c5397832ccd09207347563dd61fd2a95a9c8424ced377c4cd94020",
-              "11b15622f245bd96e91c79d384fd9c9413fa92cecf8ecd79e0565bd84e45bff5"]
 MAIN_HEADER = "8915c99db81e43962bf2bd9c7e0892dcb849ff730025e6adadfa36ef1a59a632"
-# Since frame checksums (FORMAT.md §6.2, §7.1) the plain streams' zstd frames carry a content
-# checksum: the chunk bytes and the index entries' stream sizes and CRCs change, nothing else
-# (without the checksums the writer still produces main's bytes above, checked below).
-CHUNKS = ["d5600cb1ad16d782a17643cfa2d498bcdd2de3cb24dae5678c1c8c3566cbd9f7"]
-INDEX = ["ba6880827bfa06a6270f4d7475b16309046441ef29b5545eb8481dddbebcd2a8",
-         "bd6066d286931f213798fadf1fa505b9f9f0e91719f93be43300cc0f5269353c",
-         "67d90196bed5016efe9b97d373450e30bc041cfcd8be7e4117b9541b090e57bb"]
 
 REGIONS = ["big", "big:2147483600-2147483700", "big:2147483648", "big:2500000000-2600000000",
            "big:2999999001-2999999001", "big:1-1000", "small", "big:2147483000-", "{big}:2999000000-3000000000"]
@@ -89,7 +83,7 @@ def work(tmp_path_factory):
 
 def test_converts_as_v11_from_file_and_stdin(work, tmp_path):
     m = json.loads((work["ds"] / "manifest.json").read_text())
-    assert m["version"] == "1.1"
+    assert m["version"] == "1.3"  # v1.1 records with the codecs of FORMAT.md §12
     assert [r["length"] for r in m["references"]] == [BIG, 100000]
     expect = pysam.samtools.view(str(work["sorted"]))
     assert run_cli("query", work["ds"]).stdout.decode() == expect
@@ -97,7 +91,7 @@ def test_converts_as_v11_from_file_and_stdin(work, tmp_path):
     with open(work["src"], "rb") as f:
         run_cli("convert", "-q", "-", ds2, stdin=f)
     assert run_cli("query", ds2).stdout.decode() == expect
-    assert json.loads((ds2 / "manifest.json").read_text())["version"] == "1.1"
+    assert json.loads((ds2 / "manifest.json").read_text())["version"] == "1.3"
     run_cli("verify", ds2)
 
 
@@ -153,13 +147,16 @@ def test_bam_and_cram_refused_with_one_line(work, tmp_path, args, word):
     assert not list(tmp_path.iterdir())
 
 
-def test_v1_reader_rejects_v11(work):
+def test_v1_reader_rejects_v13(work):
     data = (work["ds"] / "manifest.json").read_bytes()
     m = Manifest.from_json(data)
     assert m.wide
     # a v1-only reader is the version gate accepting just the integer 1 (what main does)
-    with pytest.raises(IndexError_, match=r"unsupported bams3 format version 1\.1 \(this reader reads 1\)"):
+    with pytest.raises(IndexError_, match=r"unsupported bams3 format version 1\.3 \(this reader reads 1\)"):
         check_version(json.loads(data)["version"], supported=(1,))
+    # ... and so does a v1.1-only reader (it cannot read the codecs of §12)
+    with pytest.raises(IndexError_, match=r"unsupported bams3 format version 1\.3 \(this reader reads 1 or 1\.1\)"):
+        check_version(json.loads(data)["version"], supported=(1, "1.1"))
     # v1.1 index pages carry version 0x0101, which a v1 page reader refuses
     ix = next(i for i in m.index if i.ref_id == 0)
     page = (work["ds"] / ix.key).read_bytes()[:ix.pages[0][1]]
@@ -173,25 +170,15 @@ def test_ordinary_data_stays_v1_and_byte_identical(tmp_path, monkeypatch):
     src.write_text(ordinary_sam())
     run_cli("convert", "-q", src, tmp_path / "ds")
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
-    assert m["version"] == 1
-    assert [c["sha256"] for c in m["chunks"]] == CHUNKS
-    assert [i["sha256"] for i in m["index"]] == INDEX
+    assert m["version"] == "1.2"  # v1 records, with the codecs of FORMAT.md §12
     assert m["header"]["sha256"] == MAIN_HEADER
-    # without frame checksums, exactly main's bytes
-    import threading
-
-    import bams3.dataset as dsmod
-    import bams3core.codec as codec
-    from bams3.convert import convert
-    from bams3.store import LocalStore
-
+    # with the v1 codecs and no zstd frame checksums (FORMAT.md §7.1), the same blocks are
+    # main's bytes exactly
+    ds = Dataset.open(LocalStore(str(tmp_path / "ds")))
     monkeypatch.setattr(codec, "PLAIN_STREAMS", frozenset())
-    monkeypatch.setattr(dsmod, "_local", threading.local())  # fresh per-thread encoders
-    convert(str(src), LocalStore(str(tmp_path / "ds0")))
-    m = json.loads((tmp_path / "ds0" / "manifest.json").read_text())
-    assert [c["sha256"] for c in m["chunks"]] == MAIN_CHUNKS
-    assert [i["sha256"] for i in m["index"]] == MAIN_INDEX
-    assert m["header"]["sha256"] == MAIN_HEADER
+    enc = BlockEncoder(codecs=CODECS_V1)
+    v1 = b"".join(enc.encode(b).data for b in ds.query(None))
+    assert [hashlib.sha256(v1).hexdigest()] == MAIN_CHUNKS
 
 
 def test_long_reference_with_ordinary_positions_stays_v1(tmp_path):
@@ -206,7 +193,7 @@ def test_long_reference_with_ordinary_positions_stays_v1(tmp_path):
     run_cli("convert", "-q", bam, tmp_path / "narrow")
     mw = json.loads((tmp_path / "wide" / "manifest.json").read_text())
     mn = json.loads((tmp_path / "narrow" / "manifest.json").read_text())
-    assert mw["version"] == 1
+    assert mw["version"] == "1.2"  # not wide
     assert [c["sha256"] for c in mw["chunks"]] == [c["sha256"] for c in mn["chunks"]]
     run_cli("export", tmp_path / "wide", tmp_path / "out.bam")
     assert pysam.samtools.view(str(tmp_path / "out.bam")) == pysam.samtools.view(str(tmp_path / "a.sam"))

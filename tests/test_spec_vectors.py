@@ -26,14 +26,15 @@ import pytest
 import zstandard
 
 from bams3core.bam import BamHeader, RecordBatch, Reference, parse_header, reg2bin, sort_keys
-from bams3core.codec import (STREAMS, BlockEncoder, _unzz, _zz, decode_block, pack_nibbles, split_streams,
-                             unpack_nibbles)
+from bams3core.codec import (CODECS_V1, STREAMS, BlockEncoder, _unzz, _zz, decode_block, pack_nibbles,
+                             split_streams, unpack_nibbles)
 from bams3core.index import ENTRY_DTYPE, Manifest, ObjectRef, decode_index, encode_index
 from bams3core.names import _tokenised, decode_names, encode_names
 from bams3core.qualcodec import _get_varint, _lengths_hash, _put_varint, decode_quals, encode_quals
 from bams3core.shuffle import shuffle, unshuffle
 from bams3core.sorting import sorted_header_text
-from bams3core.tags import decode_tags, encode_tags
+from bams3core.seqcodec import block_consensus, decode_seq, encode_seq
+from bams3core.tags import decode_tag_areas, decode_tags, encode_tags, mate_index
 
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
 INFO = "bams3-vector"
@@ -52,6 +53,8 @@ MIN_VECTORS = {
     "6.9": 1,     # lengths hash
     "6.9.4": 7,   # quality coder
     "6.11": 1,    # the worked block
+    "12.2": 2,    # seq method 1
+    "12.3": 3,    # tags method 2
 }
 MIN_TOTAL = sum(MIN_VECTORS.values())
 
@@ -338,6 +341,106 @@ def v_tags(inp, out):
     assert hx(decode_tags(tags_frame(out), lens, _DZSTD)) == hx(buf)
 
 
+_CIGAR_OPS = "MIDNSHP=X"
+
+
+def cigar_words(text: str) -> list[int]:
+    """SAM CIGAR text -> BAM CIGAR words (``*`` -> none)."""
+    if text == "*":
+        return []
+    return [(int(n) << 4) | _CIGAR_OPS.index(op) for n, op in re.findall(r"(\d+)([MIDNSHP=X])", text)]
+
+
+def _cigars(texts):
+    words = [cigar_words(t) for t in texts]
+    return np.array([w for ws in words for w in ws], dtype=np.uint32), np.array([len(w) for w in words], np.int64)
+
+
+def v_seq(inp, out):
+    recs = inp  # [pos, CIGAR text, l_seq, nibbles (hex)] per record
+    nib = np.frombuffer(b"".join(h(r[3]) for r in recs), np.uint8)
+    l_seq = np.array([r[2] for r in recs], np.int64)
+    pos = np.array([r[0] for r in recs], np.int64)
+    cigar, n_cig = _cigars([r[1] for r in recs])
+    assert hx(encode_seq(nib, l_seq, pos, cigar, n_cig, _ZSTD)) == hx(h(out))
+    assert hx(decode_seq(h(out), l_seq, pos, cigar, n_cig, _DZSTD)) == hx(nib)
+
+
+def tags2_view(frame: bytes) -> dict:
+    assert frame[0] == 2
+    p = 1
+    (nlay,) = struct.unpack_from("<I", frame, p)
+    p += 4
+    layouts = []
+    for _ in range(nlay):
+        (nt,) = struct.unpack_from("<H", frame, p)
+        p += 2
+        layouts.append([frame[p + 3 * i:p + 3 * i + 3].decode("latin-1") for i in range(nt)])
+        p += 3 * nt
+    (ncol,) = struct.unpack_from("<I", frame, p)
+    p += 4
+    cols = []
+    for _ in range(ncol):
+        cols.append((frame[p:p + 3].decode("latin-1"), frame[p + 3], struct.unpack_from("<I", frame, p + 4)[0]))
+        p += 8
+    (idsize,) = struct.unpack_from("<I", frame, p)
+    p += 4
+    ids, p = one_zstd_frame(frame[:p + idsize], p)
+    columns = []
+    for key, model, size in cols:
+        end = p + size
+        if model == 0:
+            content, q = one_zstd_frame(frame[:end], p)
+        else:
+            (fs,) = struct.unpack_from("<I", frame, p)
+            flags, q = one_zstd_frame(frame[:p + 4 + fs], p + 4)
+            vals, q = one_zstd_frame(frame[:end], q)
+            content = {"flags": hx(flags), "values": hx(vals)}
+        assert q == end
+        columns.append([key, model, content if model else hx(content)])
+        p = end
+    assert p == len(frame)
+    return {"method": 2, "layouts": layouts, "columns": columns, "ids": hx(ids)}
+
+
+def tags2_frame(view: dict) -> bytes:
+    out = [b"\x02", struct.pack("<I", len(view["layouts"]))]
+    for lay in view["layouts"]:
+        out.append(struct.pack("<H", len(lay)) + b"".join(t.encode("latin-1") for t in lay))
+    payloads = []
+    for _, model, c in view["columns"]:
+        if model == 0:
+            payloads.append(_ZSTD.compress(h(c)))
+        else:
+            f = _ZSTD.compress(h(c["flags"]))
+            payloads.append(struct.pack("<I", len(f)) + f + _ZSTD.compress(h(c["values"])))
+    out.append(struct.pack("<I", len(payloads)))
+    out += [k.encode("latin-1") + bytes((m,)) + struct.pack("<I", len(p))
+            for (k, m, _), p in zip(view["columns"], payloads)]
+    ids = _ZSTD.compress(h(view["ids"]))
+    return b"".join(out) + struct.pack("<I", len(ids)) + ids + b"".join(payloads)
+
+
+def v_tags2(inp, out):
+    areas = [h(a) for a in inp["areas"]]
+    buf = np.frombuffer(b"".join(areas), np.uint8)
+    lens = np.array([len(a) for a in areas], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    cigar, n_cig = _cigars(inp["cigars"])
+    mate = mate_index(np.array(inp["links"], np.int64))
+    md_ref = None
+    if "seq" in inp:  # [pos, l_seq, nibbles] per record: the block consensus for MD (model 3)
+        nib = np.frombuffer(b"".join(h(r[2]) for r in inp["seq"]), np.uint8)
+        l_seq = np.array([r[1] for r in inp["seq"]], np.int64)
+        pos = np.array([r[0] for r in inp["seq"]], np.int64)
+        md_ref = (nib, l_seq, pos, *block_consensus(nib, l_seq, pos, cigar, n_cig))
+    frame = encode_tags(buf, starts, lens, _ZSTD, cigar=cigar, n_cigar=n_cig, mate=mate, md_ref=md_ref)
+    assert _hexnorm(tags2_view(frame)) == _hexnorm(out)
+    got, got_lens = decode_tag_areas(tags2_frame(out), len(areas), _DZSTD, cigar=cigar, n_cigar=n_cig, mate=mate,
+                                     md_ref=md_ref)
+    assert hx(got) == hx(buf) and got_lens.tolist() == lens.tolist()
+
+
 def v_lengths_hash(inp, out):
     assert hx(_lengths_hash(np.array(inp)).to_bytes(2, "little")) == hx(h(out))
 
@@ -375,7 +478,7 @@ def v_block(inp, out):
     records = h(inp)  # one hex string per record
     batch = RecordBatch.from_records_view(records)
     assert len(batch) == len(inp)
-    blk = BlockEncoder().encode(batch)
+    blk = BlockEncoder(codecs=CODECS_V1).encode(batch)  # §6.11 shows a v1 block
     entry = out["entry"]
     # (crc32 and the stream sizes depend on the zstd encoder's bytes: checked on out["block"])
     assert {k: getattr(blk, k) for k in entry if k != "crc32"} == {k: v for k, v in entry.items() if k != "crc32"}
@@ -404,6 +507,7 @@ FUNCTIONS = {
     "varint": v_varint, "zigzag": v_zigzag, "shuffle": v_shuffle, "reg2bin": v_reg2bin,
     "sort_key": v_sort_key, "sorted_header": v_sorted_header, "seq_nibbles": v_seq_nibbles, "bam_header": v_bam_header,
     "index_page": v_index_page, "names": v_names, "tags": v_tags, "lengths_hash": v_lengths_hash,
+    "seq": v_seq, "tags2": v_tags2,
     "quals": v_quals, "block": v_block, "manifest": v_manifest,
 }
 
