@@ -49,7 +49,7 @@ class DaskShards:
         self.cluster = None
         if where == "local":
             self.cluster = LocalCluster(n_workers=n or os.cpu_count() or 1, threads_per_worker=threads_per_worker,
-                                        processes=True, dashboard_address=None)
+                                        processes=True, dashboard_address=":0")
             self.client = Client(self.cluster)
         else:
             try:

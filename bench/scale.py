@@ -148,6 +148,18 @@ def measure(ctx) -> None:
                         f"{', '.join(f'{t:.1f}' for t in times[2])}",
                         f"- per-core rate (1 worker × 1 thread): {n / min(times[1]):,.0f} records/s", ""]
         ctx.scale_rate = n / min(times[1])
+        # the machine's own ceiling: two independent one-core conversions at once vs one alone
+        one = [*b3("convert", "-q", "-@", 1, "--shards", 1, "--overwrite", src)]
+        alone = run(["taskset", "-c", "0", *one, work / "sc-c0"], env=env, timeout=to).seconds
+        procs = [subprocess.Popen(["taskset", "-c", str(c), *[str(x) for x in one], str(work / f"sc-c{c}")],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in (0, 1)]
+        t0 = time.perf_counter()
+        if any(p.wait() != 0 for p in procs):
+            raise CommandError("two concurrent one-core conversions: one failed")
+        both = time.perf_counter() - t0
+        ctx.row(sec, "ceiling: 2 one-core conversions at once vs 1 (throughput)", "", 2 * alone / both,
+                note=f"{alone:.1f} s alone, {both:.1f} s for two at once on cores 0 and 1: what two cores "
+                     "give here, whatever the program")
         ctx.row(sec, "2 workers vs 1 worker → reads/s", "reads/s", n / min(times[2]), "1 worker × 1 thread",
                 n / min(times[1]), goal=Goal(">=", 1.7), note="each worker on its own core (taskset)")
     except CommandError as e:

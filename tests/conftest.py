@@ -98,7 +98,7 @@ def dask_cluster():
     """One in-process Dask cluster (2 workers x 1 thread) for the session; yields its address."""
     distributed = pytest.importorskip("distributed")
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                                       dashboard_address=None)
+                                       dashboard_address=":0")
     try:
         yield cluster.scheduler_address
     finally:
