@@ -89,7 +89,9 @@ def log(store: Store) -> list[dict]:
         out.append({"run_id": run, "time": m.created, "records": m.n_records,
                     "bytes": sum(c.size for c in m.chunks) + sum(i.size for i in m.index) + m.header.size,
                     "source": m.source, "current": run == current})
-    out.sort(key=lambda e: (e["time"] or "", e["run_id"]), reverse=True)
+    # newest first; `created` has whole seconds: of commits made in the same second the current
+    # one is the newest (an older one becomes current again only by a rollback, seconds later)
+    out.sort(key=lambda e: (e["time"] or "", e["current"], e["run_id"]), reverse=True)
     return out
 
 
