@@ -370,6 +370,8 @@ class S3Store(Store):
         self._lock = threading.RLock()
         self._client = None
         self._pool: ThreadPoolExecutor | None = None
+        # ranged reads (chunk data) in flight, from any thread: at most `concurrency`
+        self._read_slots = threading.BoundedSemaphore(self.concurrency)
         self._transfer = None
         self._completed: dict[tuple[str, str], dict] = {}
         self._clock_offset = 0.0  # S3's clock minus ours, from the Date of the last response
@@ -551,6 +553,9 @@ class S3Store(Store):
                                  f"({start}, {end})")
             if end == start:
                 return b""
+            with self._read_slots:  # --s3-concurrency bounds the reader's ranged GETs in flight
+                data, _ = self._get_object(key, byte_range=byte_range, if_match=if_match)
+            return data
         data, _ = self._get_object(key, byte_range=byte_range, if_match=if_match)
         return data
 
@@ -892,7 +897,7 @@ class S3Store(Store):
     # pickling (e.g. passed to a worker process): drop connections, keep configuration
     def __getstate__(self):
         state = self.__dict__.copy()
-        for k in ("_client", "_pool", "_transfer", "_lock"):
+        for k in ("_client", "_pool", "_transfer", "_lock", "_read_slots"):
             state[k] = None
         state["_completed"] = {}
         if self._own_session:
@@ -902,6 +907,7 @@ class S3Store(Store):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        self._read_slots = threading.BoundedSemaphore(self.concurrency)
         if self._session is None:
             self._session = boto3.Session()
 
