@@ -532,12 +532,7 @@ def encode_into(stream: Iterator[RecordBatch], sink: ShardSink, job: ShardJob, *
 
     ok = False
     try:
-        try:
-            for batch in stream:
-                add_blocks(list(planner.feed(batch)))
-        except OrderError as e:
-            if e.in_order and getattr(e, "batch", None) is not None:
-                add_blocks(list(planner.feed(e.batch.slice(0, e.in_order))))
+        def finish() -> None:  # every planned record encoded, every chunk uploaded
             add_blocks(list(planner.flush()))
             submit_slice()
             take_encoded(0)
@@ -545,14 +540,16 @@ def encode_into(stream: Iterator[RecordBatch], sink: ShardSink, job: ShardJob, *
             if last is not None:
                 submit_chunk(last)
             drain_uploads(0)
+
+        try:
+            for batch in stream:
+                add_blocks(list(planner.feed(batch)))
+        except OrderError as e:
+            if e.in_order and getattr(e, "batch", None) is not None:
+                add_blocks(list(planner.feed(e.batch.slice(0, e.in_order))))
+            finish()
             raise
-        add_blocks(list(planner.flush()))
-        submit_slice()
-        take_encoded(0)
-        last = assembler.flush()
-        if last is not None:
-            submit_chunk(last)
-        drain_uploads(0)
+        finish()
         ok = True
     finally:
         enc.shutdown(wait=True, cancel_futures=not ok)
