@@ -535,14 +535,14 @@ def _add(a: dict | None, b: dict | None) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # before a migration: a dataset's size from its source file
 # ---------------------------------------------------------------------------------------------
-#: Measured by the benchmark (bench/results/latest.md, git f110fb8, 2026-12-01): 1,024,614
+#: Measured by the benchmark (bench/results/latest.md, git 6e2fb95, 2026-12-02; format v1.2): 1,024,614
 #: records of 2 x 150 bp paired reads (binned qualities); BAM 65.85 MiB, CRAM 3.0 (with
-#: reference) 25.31 MiB -> dataset 34.85 MiB.
+#: reference) 25.31 MiB -> dataset 26.66 MiB.
 BENCH = {"records": 1_024_614, "bam_bytes": int(65.85 * (1 << 20)), "cram_bytes": int(25.31 * (1 << 20)),
-         "dataset_bytes": int(34.85 * (1 << 20)),
-         "source": "the benchmark (bench/results/latest.md, 2026-12-01, git f110fb8): 1,024,614 records of "
-                   "2x150 bp reads; BAM 65.85 MiB, CRAM 3.0 25.31 MiB -> dataset 34.85 MiB"}
-#: dataset bytes per source byte: the benchmark's "dataset bytes vs BAM" (0.529x) and vs CRAM 3.0 (1.38x)
+         "dataset_bytes": int(26.66 * (1 << 20)),
+         "source": "the benchmark (bench/results/latest.md, 2026-12-02, git 6e2fb95): 1,024,614 records of "
+                   "2x150 bp reads; BAM 65.85 MiB, CRAM 3.0 25.31 MiB -> dataset 26.66 MiB"}
+#: dataset bytes per source byte: the benchmark's "dataset bytes vs BAM" (0.405x) and vs CRAM 3.0 (1.05x)
 RATIO = {"bam": BENCH["dataset_bytes"] / BENCH["bam_bytes"], "cram": BENCH["dataset_bytes"] / BENCH["cram_bytes"]}
 DATASET_VS_BAM = RATIO["bam"]
 #: per record in the benchmark: BAM bytes (to count the records of an unindexed BAM) and
@@ -558,7 +558,7 @@ def estimate_dataset(fmt: str, source_bytes: int, records: int | None, *, record
     ``records``: exact when read from the BAI/CSI or idxstats or counted (``records_from`` says
     where it came from); None estimates it from the file size at the benchmark's
     :data:`BAM_BYTES_PER_RECORD` (BAM) or the CRAM ratio (CRAM). Dataset bytes: BAM and CRAM:
-    the file size x the benchmark's measured ratio (:data:`RATIO`: 0.529x of BAM, 1.38x of
+    the file size x the benchmark's measured ratio (:data:`RATIO`: 0.405x of BAM, 1.05x of
     CRAM 3.0), i.e. records x the file's own bytes per record x the ratio; SAM: records x the
     benchmark's :data:`DATASET_BYTES_PER_RECORD`. Chunks: ``chunk_bytes`` each.
     """
