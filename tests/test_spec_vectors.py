@@ -283,12 +283,8 @@ def v_names(inp, out):
 
 # tags: {"method": 0, "areas": hex} or {"method": 1, "layouts": [[triple, ...], ...],
 #        "columns": [[triple, hex], ...], "ids": hex}
-def tags_view(frame: bytes) -> dict:
-    if frame[0] == 0:
-        content, end = one_zstd_frame(frame, 1)
-        assert end == len(frame)
-        return {"method": 0, "areas": hx(content)}
-    assert frame[0] == 1
+def _tag_layouts(frame: bytes) -> tuple[list, int, int]:
+    """The layout table of a tags frame of method 1 or 2 (§6.8, §12.3): (layouts, columns, offset)."""
     p = 1
     (nlay,) = struct.unpack_from("<I", frame, p)
     p += 4
@@ -299,7 +295,16 @@ def tags_view(frame: bytes) -> dict:
         layouts.append([frame[p + 3 * i:p + 3 * i + 3].decode("latin-1") for i in range(nt)])
         p += 3 * nt
     (ncol,) = struct.unpack_from("<I", frame, p)
-    p += 4
+    return layouts, ncol, p + 4
+
+
+def tags_view(frame: bytes) -> dict:
+    if frame[0] == 0:
+        content, end = one_zstd_frame(frame, 1)
+        assert end == len(frame)
+        return {"method": 0, "areas": hx(content)}
+    assert frame[0] == 1
+    layouts, ncol, p = _tag_layouts(frame)
     cols = []
     for _ in range(ncol):
         cols.append((frame[p:p + 3].decode("latin-1"), struct.unpack_from("<I", frame, p + 3)[0]))
@@ -368,17 +373,7 @@ def v_seq(inp, out):
 
 def tags2_view(frame: bytes) -> dict:
     assert frame[0] == 2
-    p = 1
-    (nlay,) = struct.unpack_from("<I", frame, p)
-    p += 4
-    layouts = []
-    for _ in range(nlay):
-        (nt,) = struct.unpack_from("<H", frame, p)
-        p += 2
-        layouts.append([frame[p + 3 * i:p + 3 * i + 3].decode("latin-1") for i in range(nt)])
-        p += 3 * nt
-    (ncol,) = struct.unpack_from("<I", frame, p)
-    p += 4
+    layouts, ncol, p = _tag_layouts(frame)
     cols = []
     for _ in range(ncol):
         cols.append((frame[p:p + 3].decode("latin-1"), frame[p + 3], struct.unpack_from("<I", frame, p + 4)[0]))
