@@ -1,8 +1,10 @@
 """The conversion's stages, passing plain values: plan -> shard (encode + upload) -> verify -> commit.
 
-* :func:`plan` looks at the source: a coordinate-sorted BAM with a .bai/.csi is cut into
-  key ranges balanced by compressed bytes (:mod:`bams3core.shards`); anything else (SAM,
-  CRAM, unindexed or unsorted BAM, standard input, an S3 stream) is one ``stream`` shard.
+* :func:`plan` looks at the source: a coordinate-sorted BAM with a .bai/.csi, a local file or
+  an ``s3://`` object (index next to it; :mod:`bams3.s3source`), is cut into key ranges
+  balanced by compressed bytes (:mod:`bams3core.shards`); anything else (SAM, CRAM,
+  unindexed or unsorted BAM, standard input) is one ``stream`` shard. A range shard of an
+  ``s3://`` BAM reads its byte range with ranged GETs (If-Match the ETag the plan saw).
 * :func:`run_shard` encodes and uploads one shard under the run's prefix and returns a
   :class:`ShardResult` (object refs, index rows, statistics). Its inputs and outputs are
   picklable, and it opens its own input and store, so any worker — a thread, a Dask worker
@@ -77,7 +79,8 @@ class ShardJob:
     voffset: int = 0
     est_bytes: int = 0
     reference: str | None = None  # FASTA for CRAM
-    source_store: dict | None = None  # an s3:// source: its bucket's store spec (streamed by the shard)
+    source_store: dict | None = None  # an s3:// source: its bucket's store spec (the shard opens its own)
+    source_etag: str | None = None  # an s3:// source: the ETag the plan saw (every read is If-Match)
     threads: int = 2
     block_bytes: int = 0
     chunk_bytes: int = 0
@@ -162,10 +165,15 @@ def _header_voffset(path: str) -> int:
 
 
 def plan(source: str, *, job: dict, store: dict, run_id: str, shards: int | None = None, workers: int | None = None,
-         shard_bytes: int = DEFAULT_SHARD_BYTES) -> Plan:
+         shard_bytes: int = DEFAULT_SHARD_BYTES, opener: Callable[[dict], Store] | None = None) -> Plan:
     """The shards of converting ``source``. ``job``: ShardJob fields shared by every shard
     (threads, sizes, ...); ``shards``: how many (default: by compressed bytes, at least two
-    per worker when ``workers`` is given); 1 means one stream shard."""
+    per worker when ``workers`` is given); 1 means one stream shard. An ``s3://`` source is
+    planned from its object (HEAD), its index and its first BGZF blocks, read with the store
+    ``opener`` gives for ``job["source_store"]`` (default :func:`open_spec`)."""
+    if source.startswith("s3://"):
+        return _plan_s3(source, job=job, store=store, run_id=run_id, shards=shards, workers=workers,
+                        shard_bytes=shard_bytes, opener=opener or open_spec)
     ident = source_identity(source)
     common = dict(run_id=run_id, store=store, **job)
     stream = Plan(source=source, identity=ident, header_text=None, references=[],
@@ -176,8 +184,8 @@ def plan(source: str, *, job: dict, store: dict, run_id: str, shards: int | None
         return stream
     try:
         with open(idx_path, "rb") as f:
-            offsets = index_offsets(f.read())
-    except (OSError, HtsIndexError):
+            index = f.read()
+    except OSError:
         return stream
     if not _is_bam_file(source):
         return stream
@@ -189,33 +197,80 @@ def plan(source: str, *, job: dict, store: dict, run_id: str, shards: int | None
         header = inp.header
     finally:
         inp.close()
-    if not header.references or header_sort_order(header.text) != "coordinate" \
-            or len(offsets["refs"]) != len(header.references):
-        return stream
-    size = ident["size"]
+    return _range_plan(stream, index, header, lambda: _header_voffset(source), ident["size"], common,
+                       n=_shard_count(ident["size"], shards, workers, shard_bytes))
+
+
+def _shard_count(size: int, shards: int | None, workers: int | None, shard_bytes: int) -> int:
     n = shards or max(1, -(-size // shard_bytes))
     if workers and not shards:
         n = max(n, min(2 * workers, max(1, size // MIN_SHARD_BYTES)))
+    return n
+
+
+def _range_plan(stream: Plan, index: bytes, header: BamHeader, header_voffset: Callable[[], int], size: int,
+                common: dict, *, n: int) -> Plan:
+    """``n`` key ranges of a coordinate-sorted BAM of ``size`` bytes from its index's bytes (BAI
+    or CSI), its header and ``header_voffset()`` (where the first record starts); ``stream`` if
+    the index does not fit the header or one shard is enough."""
+    from bams3core.htsindex import index_counts
+
+    try:
+        offsets = index_offsets(index)
+    except HtsIndexError:
+        return stream
+    if not header.references or header_sort_order(header.text) != "coordinate" \
+            or len(offsets["refs"]) != len(header.references):
+        return stream
     if n <= 1:
         return stream
     try:
-        hv = _header_voffset(source)
+        hv = header_voffset()
     except Exception:  # noqa: BLE001 - htslib cannot read it: the stream shard will say why
         return stream
+    source = stream.source
     ranges = split(anchors(offsets, hv), n, size)
     refs = tuple((r.name, r.length) for r in header.references)
     jobs = [ShardJob(number=i, source=source, kind="range", header_text=header.text, references=refs, lo=r.lo,
                      hi=r.hi, voffset=r.voffset, est_bytes=r.est_bytes, **common) for i, r in enumerate(ranges)]
-    from bams3core.htsindex import index_counts
-
     try:
-        with open(idx_path, "rb") as f:
-            counts = index_counts(f.read())
+        counts = index_counts(index)
         total = counts["records"] if counts["no_coor"] is not None else None
-    except (OSError, HtsIndexError):
+    except HtsIndexError:
         total = None
-    return Plan(source=source, identity=ident, header_text=header.text, references=list(refs), jobs=jobs,
+    return Plan(source=source, identity=stream.identity, header_text=header.text, references=list(refs), jobs=jobs,
                 input_bytes=size, index_records=total)
+
+
+def _plan_s3(source: str, *, job: dict, store: dict, run_id: str, shards: int | None, workers: int | None,
+             shard_bytes: int, opener: Callable[[dict], Store]) -> Plan:
+    """:func:`plan` of ``s3://bucket/key``: one HEAD (size and ETag: the source's identity),
+    the index next to it (``.bai``/``.csi``, one GET per candidate name) and the first range of
+    the object (header and its virtual offset); key ranges as for a local file, each read by
+    its shard with ranged GETs (:mod:`bams3.s3source`)."""
+    from . import s3source
+
+    with s3source.S3Source(source, job.get("source_store"), opener) as src:
+        common = dict(run_id=run_id, store=store, **{**job, "source_etag": src.etag})
+        stream = Plan(source=source, identity=src.identity, header_text=None, references=[],
+                      jobs=[ShardJob(number=0, source=source, kind="stream", **common)], input_bytes=src.size)
+        n = _shard_count(src.size, shards, workers, shard_bytes)
+        if n <= 1:
+            return stream
+        found = s3source.find_index(src.store, src.key)
+        if found is None:
+            return stream
+        f = src.open(read_ahead=s3source.HEADER_READ, prefetch=False)
+        try:
+            got = s3source.read_header(f, source)
+        except InputError:
+            return stream  # not BAM (SAM, CRAM...): the stream shard reads it or says why
+        finally:
+            f.close()
+        if got is None:
+            return stream
+        header, hv = got
+        return _range_plan(stream, found[1], header, lambda: hv, src.size, common, n=n)
 
 
 def _is_bam_file(path: str) -> bool:
@@ -589,20 +644,61 @@ def _skip(stream: Iterator[RecordBatch], n: int) -> Iterator[RecordBatch]:
         yield b
 
 
-def range_batches(job: ShardJob, header: BamHeader) -> Iterator[RecordBatch]:
+def _source_changed(job: ShardJob) -> InputError:
+    from .s3source import changed_error
+
+    return changed_error(job.source, job.source_etag)
+
+
+def _open_range_source(job: ShardJob, opener: Callable[[dict], Store] | None):
+    """The file a range shard reads: the local file, or an ``s3://`` object as a seekable
+    file over ranged GETs (its own store from ``job.source_store``; If-Match the plan's ETag;
+    fetched ahead up to about the shard's estimated end)."""
+    if not job.source.startswith("s3://"):
+        try:
+            return open(job.source, "rb")
+        except OSError as e:
+            raise InputError(f"{job.source}: {e.strerror}") from None
+    from .s3source import S3RangeFile, bucket_spec, split_uri
+
+    _bucket, key = split_uri(job.source)
+    src = (opener or open_spec)(bucket_spec(job.source, job.source_store))
+    try:
+        info = src.head(key)
+    except NotFound:
+        src.close()
+        raise InputError(f"{job.source}: no such object (removed during the conversion?)") from None
+    except BaseException:
+        src.close()
+        raise
+    size = info.size
+    if job.source_etag and info.etag != job.source_etag:
+        src.close()
+        raise _source_changed(job)
+    start = job.voffset >> 16
+    return S3RangeFile(src, key, size=size, etag=job.source_etag, name=job.source, own_store=True,
+                       hint_end=start + job.est_bytes if job.hi is not None else None)
+
+
+def range_batches(job: ShardJob, header: BamHeader, opener: Callable[[dict], Store] | None = None
+                  ) -> Iterator[RecordBatch]:
     """The records of an indexed BAM whose sort key lies in ``[job.lo, job.hi)``: BGZF read from
     ``job.voffset`` (inflated on ``job.threads`` threads), stopping after the range."""
-    try:
-        f = open(job.source, "rb")
-    except OSError as e:
-        raise InputError(f"{job.source}: {e.strerror}") from None
+    f = _open_range_source(job, opener)
     f.seek(job.voffset >> 16)
     bg = BgzfReader(f, threads=job.threads, name=job.source)
     chunks = bg.chunks()
     skip = job.voffset & 0xFFFF
 
     def data():
-        first = next(chunks, b"")
+        try:
+            first = next(chunks, b"")
+        except InputError:
+            first = None
+        if first is None or skip > len(first):  # the offset the index names is no block start
+            raise InputError(f"{job.source}: its index names offset {job.voffset >> 16} (+{skip}), where there is "
+                             "no such BGZF block: a stale index? rebuild it with samtools index; nothing was "
+                             "committed")
         yield first[skip:]
         yield from chunks
 
@@ -638,7 +734,7 @@ def run_shard(job: ShardJob, *, store: Store | None = None, inp: AlignmentInput 
         store = opener(job.store)
     try:
         if job.kind == "range":
-            return _run_range(job, store, progress, t0)
+            return _run_range(job, store, progress, t0, opener)
         if inp is None and job.source.startswith("s3://"):
             return _run_s3_stream(job, store, opener, progress, warn, t0)
         return _run_stream(job, store, inp, progress, warn, t0)
@@ -658,6 +754,8 @@ def _run_s3_stream(job: ShardJob, store: Store, opener, progress, warn, t0: floa
     with opener({**spec, "uri": f"s3://{bucket}"}) as src:
         reader = src.open_read(key)
         try:
+            if job.source_etag and getattr(reader.raw, "_etag", None) not in (None, job.source_etag):
+                raise _source_changed(job)
             inp = open_input("-", reference=job.reference, threads=job.threads, stdin=reader)
             inp.name = job.source
             return _run_stream(job, store, inp, progress, warn, t0)
@@ -665,12 +763,12 @@ def _run_s3_stream(job: ShardJob, store: Store, opener, progress, warn, t0: floa
             reader.close()
 
 
-def _run_range(job: ShardJob, store: Store, progress, t0: float) -> ShardResult:
+def _run_range(job: ShardJob, store: Store, progress, t0: float, opener=None) -> ShardResult:
     header = BamHeader(job.header_text, [Reference(n, l) for n, l in job.references])
     base = job.number * CHUNK_STRIDE
     sink = ShardSink(store, job.run_id, base, len(header.references), ledger=job.ledger, limit=RESORT_BASE)
     skip = sink.reuse() if job.resume else 0
-    stream = range_batches(job, header)
+    stream = range_batches(job, header, opener)
     if skip:
         stream = _skip(stream, skip)
     try:

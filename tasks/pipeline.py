@@ -89,7 +89,7 @@ def plan(source: str, job: dict, store: dict, run_id: str, shards: int | None = 
          shard_bytes: int = stages.DEFAULT_SHARD_BYTES) -> stages.Plan:
     """The shards of converting ``source`` (:func:`bams3.stages.plan`)."""
     p = stages.plan(source, job=job, store=store, run_id=run_id, shards=shards, workers=workers,
-                    shard_bytes=shard_bytes)
+                    shard_bytes=shard_bytes, opener=open_spec)
     get_run_logger().info("plan: %d shard(s) of %s (%s)", len(p.jobs), source,
                           "key ranges of the indexed BAM" if p.sharded else "one stream")
     return p
