@@ -184,6 +184,15 @@ def test_cli_from_s3_sharded(bams, s3_env, tmp_path, capsys):
     assert query(tmp_path / "ds") == samtools_view(bams["bam"])
 
 
+def test_dask_workers_read_their_own_ranges(bams, s3_env, tmp_path, capsys, dask_cluster):
+    """The workers open the source's bucket from the plain spec in the job (no client shipped)."""
+    src = upload(s3_env, bams["csi"], "dask/s.bam", bams["csi"] + ".csi", "dask/s.bam.csi")
+    assert cli("convert", "--dask", dask_cluster, "-@", "1", "--shards", "3", "--chunk-size", "24K",
+               "--block-size", "8K", src, tmp_path / "dask") == 0
+    assert "shard 4/4" in capsys.readouterr().err
+    assert query(tmp_path / "dask") == samtools_view(bams["csi"])
+
+
 # -- checks --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stale", ["offsets", "counts"])
 def test_stale_index_commits_nothing(bams, s3_env, tmp_path, capsys, stale):
