@@ -586,11 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-days", type=_days, default=None, metavar="D",
                    help="also keep every snapshot written less than D days ago")
     p.add_argument("--shards", type=_positive, metavar="N",
-                   help="split a coordinate-sorted BAM with a .bai/.csi into N key ranges converted independently "
+                   help="split a coordinate-sorted BAM with a .bai/.csi (a file, or s3://bucket/key.bam with the index "
+                        "next to it) into N key ranges converted independently "
                         "(default: one per 64 MB of input, at least two per --dask worker; 1: one stream; other "
                         "input is always one stream)")
     p.add_argument("--resume", action="store_true",
-                   help="take over a failed or killed conversion of the same file (same size and mtime) with the "
+                   help="take over a failed or killed conversion of the same file (same size and mtime; on S3 size and ETag) with the "
                         "same options into DEST, reusing the chunks it uploaded; a failure (not bad input) keeps "
                         "this run's chunks for the next --resume")
     p.add_argument("--dask", metavar="WHERE",
