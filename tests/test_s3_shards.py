@@ -193,6 +193,35 @@ def test_dask_workers_read_their_own_ranges(bams, s3_env, tmp_path, capsys, dask
     assert query(tmp_path / "dask") == samtools_view(bams["csi"])
 
 
+def test_resume_from_s3_by_etag(bams, s3_env, tmp_path):
+    """A failed sharded run from S3 is taken over (same size + ETag); a replaced object is not."""
+    from bams3.errors import StoreError
+    from bams3.stages import ShardSink
+
+    src = upload(s3_env, bams["bam"], "re/s.bam", bams["bam"] + ".bai", "re/s.bam.bai")
+    real = ShardSink.upload
+    seen = {"n": 0}
+
+    def upload_then_fail(self, chunk, cs):
+        seen["n"] += 1
+        if seen["n"] > 20:
+            raise StoreError("s3://x: S3 server error (InternalError); retry later")
+        return real(self, chunk, cs)
+
+    for dest, replace in (("ds", False), ("ds2", True)):
+        seen["n"] = 0
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(StoreError):
+            mp.setattr(ShardSink, "upload", upload_then_fail)
+            run(src, tmp_path / dest, shards=3, resume=True)
+        want = bams["bam"]
+        if replace:  # another object (ETag) under the same key: never resumed
+            want = bams["placed"]
+            upload(s3_env, want, "re/s.bam", want + ".bai", "re/s.bam.bai")
+        res = run(src, tmp_path / dest, shards=3, resume=True)
+        assert res.resumed != replace and (res.reused_chunks >= 15) != replace
+        assert query(tmp_path / dest) == samtools_view(want)
+
+
 # -- checks --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stale", ["offsets", "counts"])
 def test_stale_index_commits_nothing(bams, s3_env, tmp_path, capsys, stale):
