@@ -664,3 +664,32 @@ def test_convert_to_s3_on_a_dask_cluster(prefect_harness, s3_env, sample_bam, da
     assert any(n.startswith("verify-shard-") for n in names)
     assert any(n.startswith("commit") for n in names) and any(n.startswith("plan") for n in names)
     assert cli("verify", uri) == 0
+
+
+def test_convert_to_s3_on_ray(prefect_harness, s3_env, sample_bam, tmp_path):
+    """The same flow on prefect-ray's RayTaskRunner (a local Ray instance of 2 CPUs, started and
+    stopped by the task runner): its shard tasks run in Ray worker processes, and the dataset is
+    the thread pool's, record for record and chunk for chunk."""
+    pytest.importorskip("prefect_ray")
+    from prefect_ray import RayTaskRunner
+
+    from flows import convert_to_s3
+
+    uri, ref = s3_env.uri("ray"), s3_env.uri("ray-threads")
+    ray = RayTaskRunner(init_kwargs={"num_cpus": 2, "include_dashboard": False, "object_store_memory": 100 << 20})
+    state = convert_to_s3.with_options(task_runner=ray)(source=sample_bam, destination=uri, chunk_size=CHUNK,
+                                                        shards=3, return_state=True)
+    assert state.is_completed(), state
+    summary = state.result()
+    assert summary["shards"] == 4 and summary["reused_chunks"] == 0
+    convert_to_s3(source=sample_bam, destination=ref, chunk_size=CHUNK, shards=3)
+    assert query_text(uri, tmp_path) == query_text(ref, tmp_path)  # `bams3 query`: record for record
+    import pysam
+
+    assert query_text(uri, tmp_path).decode() == pysam.samtools.view(sample_bam)
+    a, b = manifest_of(ref), manifest_of(uri)
+    assert [c.sha256 for c in a.chunks] == [c.sha256 for c in b.chunks]  # same plan, same bytes
+    runs = task_runs(flow_run_id(state), want=lambda rs: sum(r.name.startswith("shard-") and
+                                                              r.state_type.value == "COMPLETED" for r in rs) == 4)
+    assert sorted(r.name for r in runs if r.name.startswith("shard-")) == [f"shard-{i:04d}" for i in range(4)]
+    assert cli("verify", uri) == 0
