@@ -452,6 +452,8 @@ class ShardSink:
         payload = chunk.payload()
         key = self.chunk_key(chunk.number)
         info = self.store.set(key, payload, content_type="application/octet-stream", kind="chunk")
+        if info.size != len(payload):  # what the store reports it holds (S3 also checked the CRC32)
+            raise DatasetError(f"{self.store.uri}/{key}: {info.size} bytes stored, {len(payload)} uploaded")
         ref = ObjectRef(key=key, size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
                         etag=info.etag if getattr(self.store, "supports_if_match", False) else None,
                         n_blocks=len(chunk.blocks), n_records=sum(b.n_records for b in chunk.blocks))

@@ -3,13 +3,17 @@
 The stages, as tasks passing plain values (the driver is :func:`bams3.convert.run_conversion`,
 the code ``bams3 convert`` runs)::
 
-    plan ─▶ shard × N (encode + upload; any task runner) ─▶ verify_shard × N ─▶ commit
+    plan ─▶ shard × N (encode + upload; any task runner) ─▶ [verify_shard × N] ─▶ commit
+
+(``verify_shard`` tasks only with ``verify_mode`` ``head`` or ``read``; the default, ``upload``,
+relies on what each upload proved and adds no task run.)
 
 ``plan`` cuts a coordinate-sorted BAM with a .bai/.csi into key ranges balanced by compressed
 bytes (anything else is one stream shard); each ``shard`` task opens the input and the store
 itself, so the shards run wherever the task runner puts them: the default thread pool, a
 Dask cluster (``convert_to_s3.with_options(task_runner=DaskTaskRunner(...))``), Ray. Nothing
-is committed unless every chunk read back intact. With ``resume`` (the default) a failed run
+is committed unless every chunk passed the check ``verify_mode`` chooses (by default what the
+upload itself proved; ``read`` reads every chunk back). With ``resume`` (the default) a failed run
 keeps its chunks and a rerun with the same source and options reuses them.
 
 Run ad hoc (no server needed: Prefect starts a temporary one)::
@@ -33,6 +37,7 @@ from prefect.utilities.annotations import quote
 from bams3.convert import ConvertOptions, ConvertResult, run_conversion
 from bams3.dataset import DatasetWriter
 from bams3.errors import InputError
+from bams3 import stages
 from bams3.stages import Plan, store_spec
 from bams3.store import parse_uri
 from bams3core.planner import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK_BYTES
@@ -99,6 +104,16 @@ def prefect_stages(verify_mode: str, progress: Progress | None, spec: dict) -> d
         return [f.result() for f in futures]  # raises the first failure (every shard has ended)
 
     def verify(store, results):
+        if verify_mode == "upload":
+            # What the uploads proved: each PUT/part carried its CRC32 and S3 stored exactly
+            # those bytes (a local store: the file's size after the write). Chunks reused from
+            # a killed run were not uploaded by this run: their size and ETag are checked
+            # against the ledger (one HEAD each, here). No task runs, no read-back.
+            reused = [c for r in results for c in r.chunks[:r.reused_chunks]]
+            stages.verify_chunks(store, reused, "head")
+            get_run_logger().info("%d chunk(s) checked at upload, %d reused chunk(s) by HEAD",
+                                  sum(len(r.chunks) for r in results) - len(reused), len(reused))
+            return
         # plain values (no ``quote``: a Dask task runner would receive the annotation as a tuple)
         futures = [steps.verify_shard.submit(spec, r, mode=verify_mode) for r in results if r.chunks]
         wait(futures)
@@ -128,7 +143,7 @@ def convert_to_s3(
     reference: str | None = None,
     region: str | None = None,
     aws_credentials_block: str | None = None,
-    verify_mode: Literal["read", "head"] = "read",
+    verify_mode: Literal["upload", "head", "read"] = "upload",
     shards: int | None = None,
     resume: bool = True,
 ) -> dict:
@@ -138,8 +153,9 @@ def convert_to_s3(
     Sizes accept bytes or strings like ``"16M"``. ``concurrency``: parallel S3 requests and
     chunk uploads (default 2 x ``threads``). ``aws_credentials_block``: name of a prefect-aws
     ``AwsCredentials`` block (default: boto3's standard credential chain).
-    ``verify_mode``: how each uploaded chunk is checked before the commit: ``read`` (read
-    back, SHA-256) or ``head`` (size and ETag). ``shards``: key ranges of an indexed,
+    ``verify_mode``: how the chunks are checked before the commit: ``upload`` (what each
+    upload proved: S3 verified its CRC32; chunks reused from a killed run by HEAD), ``head``
+    (a HEAD per chunk: size and ETag) or ``read`` (every chunk read back: size and SHA-256). ``shards``: key ranges of an indexed,
     coordinate-sorted BAM (default: one per 64 MB, at least two per Dask worker; 1: one
     stream). ``resume``: take over a failed or killed run of the same conversion (same source
     size and mtime, same options), reusing its chunks; a failure keeps this run's chunks.

@@ -4,9 +4,10 @@ The same implementation as ``bams3 migrate`` (:mod:`bams3.migrate`): :func:`disc
 the inputs, and each file goes through :func:`bams3.migrate.migrate_one`, which skips a source
 its destination already records, converts the others with :func:`bams3.convert.run_conversion`
 and (``delete_source``) compares the dataset with the source before deleting it. Here the
-conversion's steps run as the Prefect tasks ``chunk`` (tag ``bams3-encode``) and ``upload``
-(tag ``bams3-s3-upload``), every uploaded chunk is ``verify``-ed before the commit, exactly as
-in ``convert-to-s3``; tag concurrency limits therefore cap migrations and conversions together.
+conversion's stages run as the Prefect tasks ``plan``, ``shard`` (tags ``bams3-encode``,
+``bams3-s3-upload``), ``verify_shard`` (``verify_mode`` ``head`` or ``read``) and ``commit``,
+exactly as in ``convert-to-s3``; tag concurrency limits therefore cap migrations and conversions
+together.
 
 One failed file never stops the others: the flow publishes a summary (markdown artifact
 ``migrate-…``) and a progress artifact (files, bytes, rate, ETA), and ends Failed if any file
@@ -17,6 +18,8 @@ failed. Run ad hoc::
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -51,7 +54,7 @@ def migrate(
     reference: str | None = None,
     region: str | None = None,
     aws_credentials_block: str | None = None,
-    verify_mode: str = "read",
+    verify_mode: Literal["upload", "head", "read"] = "upload",
 ) -> dict:
     """Migrate every input under ``sources`` (directories, ``s3://bucket/prefix``, files, or
     ``@LIST`` files) to ``destination/<relative name>.bams3``; see ``bams3 migrate --help``.

@@ -14,9 +14,28 @@ Storage (``verify-dataset``, ``storage-report``): ``find_datasets``, ``inventory
 I/O tasks retry transient errors only, with exponential backoff and jitter (:mod:`tasks.retry`).
 """
 
+from __future__ import annotations
+
+import importlib
+
 from .pipeline import TAG_ENCODE, TAG_READ, TAG_UPLOAD, commit, plan, shard, verify, verify_shard
 from .retry import is_transient, retry_on_transient
-from .storage import find_datasets, inventory, lifecycle, profile
+
+# the storage tasks (boto3's admin calls, the cost model) are imported on first use: a
+# conversion does not need them
+_LAZY = {"find_datasets", "inventory", "lifecycle", "profile"}
 
 __all__ = ["plan", "shard", "verify_shard", "commit", "verify", "find_datasets", "inventory", "profile", "lifecycle",
            "is_transient", "retry_on_transient", "TAG_ENCODE", "TAG_UPLOAD", "TAG_READ"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module("tasks.storage"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tasks' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -388,6 +388,89 @@ def test_bad_input_fails_fast(prefect_harness, s3_env, tmp_path, sample_bam, fas
     assert listing.get("KeyCount", 0) == 0  # the failed run removed what it wrote
 
 
+def _corrupt_after_upload(monkeypatch, number: int = 1):
+    """Replace chunk ``number`` right after its upload by other bytes of the same size (a new
+    ETag): what a read-back or a HEAD must catch, and what the upload alone cannot."""
+    from bams3.stages import ShardSink
+
+    real = ShardSink.upload
+
+    def upload(self, planned, stats):
+        ref = real(self, planned, stats)
+        if planned.number == number:
+            data = bytearray(self.store.get(ref.key))
+            data[len(data) // 2] ^= 0xFF
+            self.store.set(ref.key, bytes(data), kind="chunk")
+        return ref
+
+    monkeypatch.setattr(ShardSink, "upload", upload)
+
+
+def test_verify_modes(prefect_harness, s3_env, sample_bam, fast_retries, monkeypatch, tmp_path):
+    """``upload`` (the default) adds no task run and no read; ``head`` and ``read`` catch an object
+    replaced after its upload (nothing committed); ``upload`` does not (docs/PREFECT.md says so),
+    and ``bams3 verify`` finds it afterwards."""
+    from flows import convert_to_s3
+
+    state = convert_to_s3(source=sample_bam, destination=s3_env.uri("v-upload"), chunk_size=CHUNK,
+                          return_state=True)
+    assert state.is_completed(), state
+    runs = task_runs(flow_run_id(state), want=lambda rs: any(r.name.startswith("commit") and
+                                                             r.state_type.value == "COMPLETED" for r in rs))
+    names = sorted(r.name.split("-")[0] for r in runs)
+    assert names == ["commit", "plan", "shard"], names  # no verify-shard task run
+    assert query_text(s3_env.uri("v-upload"), tmp_path).decode() == __import__("pysam").samtools.view(sample_bam)
+
+    _corrupt_after_upload(monkeypatch)
+    for mode in ("read", "head"):
+        uri = s3_env.uri(f"v-{mode}")
+        state = convert_to_s3(source=sample_bam, destination=uri, chunk_size=CHUNK, verify_mode=mode,
+                              return_state=True)
+        assert state.is_failed(), (mode, state)
+        err = state.result(raise_on_failure=False)
+        assert isinstance(err, DatasetError), (mode, err)
+        assert ("SHA-256" if mode == "read" else "ETag") in str(err)
+        listing = s3_env.client().list_objects_v2(Bucket=s3_env.bucket, Prefix=f"v-{mode}/")
+        assert listing.get("KeyCount", 0) == 0  # a corrupt upload: nothing committed, nothing kept
+    uri = s3_env.uri("v-blind")
+    state = convert_to_s3(source=sample_bam, destination=uri, chunk_size=CHUNK, return_state=True)
+    assert state.is_completed()  # the replacement came after the upload: beyond what it proves
+    monkeypatch.undo()
+    assert cli("verify", uri) != 0  # the verify-dataset check (full read) finds it
+
+
+def test_upload_mode_checks_reused_chunks(prefect_harness, s3_env, sample_bam, fast_retries, monkeypatch):
+    """A resumed run did not upload the chunks it reuses: ``upload`` mode checks them by HEAD
+    against the ledger (size, ETag), and a replaced one stops the commit."""
+    from bams3.store.s3 import S3Store
+    from flows import convert_to_s3
+
+    real_set = S3Store.set
+
+    def failing_set(self, key, data, **kw):
+        if key.endswith("chunks/000002.b3c"):
+            raise StoreError(f"s3://{self.bucket}/{key}: S3 server error (InternalError); retry later")
+        return real_set(self, key, data, **kw)
+
+    monkeypatch.setattr(S3Store, "set", failing_set)
+    uri = s3_env.uri("v-resume")
+    state = convert_to_s3(source=sample_bam, destination=uri, chunk_size=CHUNK, return_state=True)
+    assert state.is_failed()
+    monkeypatch.setattr(S3Store, "set", real_set)
+    c = s3_env.client()
+    keys = [o["Key"] for o in c.list_objects_v2(Bucket=s3_env.bucket, Prefix="v-resume/")["Contents"]]
+    chunk0 = next(k for k in keys if k.endswith("chunks/000000.b3c"))  # kept for a resume
+    body = bytearray(c.get_object(Bucket=s3_env.bucket, Key=chunk0)["Body"].read())
+    body[100] ^= 0xFF
+    c.put_object(Bucket=s3_env.bucket, Key=chunk0, Body=bytes(body))
+    state = convert_to_s3(source=sample_bam, destination=uri, chunk_size=CHUNK, return_state=True)
+    assert state.is_failed()
+    err = state.result(raise_on_failure=False)
+    assert isinstance(err, DatasetError) and "ETag" in str(err) and "000000.b3c" in str(err)
+    with pytest.raises((NotFound, DatasetError)):
+        manifest_of(uri)  # nothing committed
+
+
 # ---------------------------------------------------------------------------------------------
 # verify-dataset
 # ---------------------------------------------------------------------------------------------
@@ -580,4 +663,33 @@ def test_convert_to_s3_on_a_dask_cluster(prefect_harness, s3_env, sample_bam, da
     assert [n for n in names if n.startswith("shard-")] == [f"shard-{i:04d}" for i in range(4)]
     assert any(n.startswith("verify-shard-") for n in names)
     assert any(n.startswith("commit") for n in names) and any(n.startswith("plan") for n in names)
+    assert cli("verify", uri) == 0
+
+
+def test_convert_to_s3_on_ray(prefect_harness, s3_env, sample_bam, tmp_path):
+    """The same flow on prefect-ray's RayTaskRunner (a local Ray instance of 2 CPUs, started and
+    stopped by the task runner): its shard tasks run in Ray worker processes, and the dataset is
+    the thread pool's, record for record and chunk for chunk."""
+    pytest.importorskip("prefect_ray")
+    from prefect_ray import RayTaskRunner
+
+    from flows import convert_to_s3
+
+    uri, ref = s3_env.uri("ray"), s3_env.uri("ray-threads")
+    ray = RayTaskRunner(init_kwargs={"num_cpus": 2, "include_dashboard": False, "object_store_memory": 100 << 20})
+    state = convert_to_s3.with_options(task_runner=ray)(source=sample_bam, destination=uri, chunk_size=CHUNK,
+                                                        shards=3, return_state=True)
+    assert state.is_completed(), state
+    summary = state.result()
+    assert summary["shards"] == 4 and summary["reused_chunks"] == 0
+    convert_to_s3(source=sample_bam, destination=ref, chunk_size=CHUNK, shards=3)
+    assert query_text(uri, tmp_path) == query_text(ref, tmp_path)  # `bams3 query`: record for record
+    import pysam
+
+    assert query_text(uri, tmp_path).decode() == pysam.samtools.view(sample_bam)
+    a, b = manifest_of(ref), manifest_of(uri)
+    assert [c.sha256 for c in a.chunks] == [c.sha256 for c in b.chunks]  # same plan, same bytes
+    runs = task_runs(flow_run_id(state), want=lambda rs: sum(r.name.startswith("shard-") and
+                                                              r.state_type.value == "COMPLETED" for r in rs) == 4)
+    assert sorted(r.name for r in runs if r.name.startswith("shard-")) == [f"shard-{i:04d}" for i in range(4)]
     assert cli("verify", uri) == 0
