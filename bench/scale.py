@@ -117,7 +117,7 @@ def measure(ctx) -> None:
                               timeout=to).seconds)
         ctx.row(sec, "flow wall time vs CLI", "s", min(t_flow), "bams3 convert", min(t_cli), goal=Goal("<=", 1.25),
                 note="both whole processes (interpreter start, imports, plan, shards, commit); "
-                     "the flow also verifies every chunk (read back) before its commit")
+                     "the flow's default verify_mode (upload) reads nothing back")
     except (CommandError, RuntimeError) as e:
         ctx.errors.append(f"flow vs CLI: {e}")
         ctx.row(sec, "flow wall time vs CLI", "s", None, "bams3 convert", None, goal=Goal("<=", 1.25),
