@@ -32,7 +32,7 @@ from .inputs import BgzfReader
 from .store import Store, parse_uri
 
 READ_AHEAD = 8 << 20  # bytes per ranged GET
-TAIL_READ = 1 << 20  # bytes per GET past the reader's hint_end
+TAIL_READ = 256 << 10  # bytes per GET past the reader's hint_end
 HEADER_READ = 256 << 10  # bytes per GET while the plan reads the header
 
 

@@ -57,6 +57,11 @@ from .store import Store, open_store
 DEFAULT_SHARD_BYTES = 64 << 20
 #: a shard smaller than this is not worth its own task, even on a cluster
 MIN_SHARD_BYTES = 4 << 20
+#: a range shard of an s3:// BAM: BGZF blocks inflated per batch (a local file: 64) and bytes
+#: of records per batch (a local file: 4 MiB); what it reads past its range's end is about
+#: two such inflate batches plus one record batch
+S3_INFLATE_GROUP = 8
+S3_BATCH_BYTES = 1 << 20
 MAX_CHUNKS_IN_FLIGHT = 2  # chunk uploads queued or running at once (each up to chunk_bytes)
 #: a run whose lease was not refreshed for this long may be taken over by --resume
 RESUME_AFTER = 3 * layout.LEASE_TTL / layout.HEARTBEATS_PER_TTL
@@ -688,7 +693,9 @@ def range_batches(job: ShardJob, header: BamHeader, opener: Callable[[dict], Sto
     ``job.voffset`` (inflated on ``job.threads`` threads), stopping after the range."""
     f = _open_range_source(job, opener)
     f.seek(job.voffset >> 16)
-    bg = BgzfReader(f, threads=job.threads, name=job.source)
+    # from S3, what is read past the range's end is fetched for nothing: smaller batches there
+    from_s3 = job.source.startswith("s3://")
+    bg = BgzfReader(f, threads=job.threads, name=job.source, **({"group": S3_INFLATE_GROUP} if from_s3 else {}))
     chunks = bg.chunks()
     skip = job.voffset & 0xFFFF
 
@@ -707,7 +714,7 @@ def range_batches(job: ShardJob, header: BamHeader, opener: Callable[[dict], Sto
     inp = AlignmentInput(header, data(), b"", job.source, on_close=f.close)
     try:
         last = None
-        for batch in inp.batches():
+        for batch in inp.batches(*((S3_BATCH_BYTES,) if from_s3 else ())):
             keys = sort_keys(batch.fixed())
             if len(keys) and ((last is not None and keys[0] < last) or (np.diff(keys) < 0).any()):
                 raise InputError(f"{job.source}: records are not coordinate-sorted although the file is indexed")

@@ -257,3 +257,10 @@ def test_source_changed_during_the_run(bams, s3_env, tmp_path, monkeypatch):
         with pytest.raises(InputError, match="changed while it was being converted"):
             run(src, tmp_path / f"ds{shards}", shards=shards)
         assert not (tmp_path / f"ds{shards}" / "manifest.json").exists()
+
+
+def test_missing_object_is_one_line(s3_env, tmp_path, capsys):
+    assert cli("convert", "-q", f"s3://{s3_env.bucket}/nope/s.bam", tmp_path / "ds") == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "no such object" in err and "Traceback" not in err
+    assert not (tmp_path / "ds").exists()
