@@ -8,7 +8,8 @@ the code ``bams3 convert`` runs)::
 (``verify_shard`` tasks only with ``verify_mode`` ``head`` or ``read``; the default, ``upload``,
 relies on what each upload proved and adds no task run.)
 
-``plan`` cuts a coordinate-sorted BAM with a .bai/.csi into key ranges balanced by compressed
+``plan`` cuts a coordinate-sorted BAM with a .bai/.csi (local or next to an
+``s3://`` object) into key ranges balanced by compressed
 bytes (anything else is one stream shard); each ``shard`` task opens the input and the store
 itself, so the shards run wherever the task runner puts them: the default thread pool, a
 Dask cluster (``convert_to_s3.with_options(task_runner=DaskTaskRunner(...))``), Ray. Nothing
@@ -147,8 +148,8 @@ def convert_to_s3(
     shards: int | None = None,
     resume: bool = True,
 ) -> dict:
-    """Convert ``source`` (a local BAM/SAM/CRAM path, or ``s3://bucket/key.bam`` streamed from
-    S3) into a bams3 dataset at ``destination`` (``s3://bucket/prefix`` or a local directory).
+    """Convert ``source`` (a local BAM/SAM/CRAM path, or ``s3://bucket/key.bam``: an indexed
+    one is sharded and read with ranged GETs, anything else streamed) into a bams3 dataset at ``destination`` (``s3://bucket/prefix`` or a local directory).
 
     Sizes accept bytes or strings like ``"16M"``. ``concurrency``: parallel S3 requests and
     chunk uploads (default 2 x ``threads``). ``aws_credentials_block``: name of a prefect-aws
@@ -158,7 +159,7 @@ def convert_to_s3(
     (a HEAD per chunk: size and ETag) or ``read`` (every chunk read back: size and SHA-256). ``shards``: key ranges of an indexed,
     coordinate-sorted BAM (default: one per 64 MB, at least two per Dask worker; 1: one
     stream). ``resume``: take over a failed or killed run of the same conversion (same source
-    size and mtime, same options), reusing its chunks; a failure keeps this run's chunks.
+    size and mtime, or size and ETag on S3; same options), reusing its chunks; a failure keeps this run's chunks.
     """
     log = get_run_logger()
     if source == "-":
