@@ -130,7 +130,7 @@ class ExternalSorter:
         self.max_memory = max_memory
         self.run_bytes = max(1 << 16, max_memory // 2)
         self.frame_bytes = max(1 << 12, min(1 << 16, max_memory // 16))
-        self.fan_in = max(2, max_memory // (2 * self.frame_bytes))
+        self.fan_in = max(2, max_memory // (8 * self.frame_bytes))  # read-ahead: a frame a run at least
         self.runs: list[str] = []
         self._cctx = zstandard.ZstdCompressor(level=1)
         self._dctx = zstandard.ZstdDecompressor()  # shared by all run readers (one merging thread)
@@ -141,14 +141,23 @@ class ExternalSorter:
         self._n += 1
         return key
 
-    def _spill(self, batches: Iterator[RecordBatch]) -> str:
-        """A run of already sorted batches (a merge pass), spilled."""
+    def _put(self, out: bytearray) -> str:
         key = self._key()
-        out = bytearray()
-        for b in batches:
-            out += self._frames(b)
         self.store.set(key, out, kind="tmp")
         return key
+
+    def _spill(self, batches: Iterator[RecordBatch]) -> list[str]:
+        """A run of already sorted batches (a merge pass), spilled as parts of at most half a
+        run's compressed size each (a merged run is never held whole)."""
+        parts, out = [], bytearray()
+        for b in batches:
+            out += self._frames(b)
+            if len(out) >= self.run_bytes // 2:
+                parts.append(self._put(out))
+                out = bytearray()
+        if out or not parts:
+            parts.append(self._put(out))
+        return parts
 
     def _frames(self, batch: RecordBatch) -> bytes:
         pieces, start, n = [], 0, len(batch)
@@ -183,22 +192,24 @@ class ExternalSorter:
         self.store.set(key, out, kind="tmp")
         return key
 
-    def _read_run(self, key: str, group: int = 1) -> Iterator[RecordBatch]:
-        """A run's records, ``group`` frames at a time (fewer, larger merge steps)."""
-        f = self.store.open_read(key)
-        try:
-            buf: list[RecordBatch] = []
-            for b in decode_run_frames(f.read, self._dctx, self.wide):
-                buf.append(b)
-                if len(buf) >= group:
-                    yield buf[0] if len(buf) == 1 else RecordBatch.concat(buf)
-                    buf = []
-            if buf:
-                yield buf[0] if len(buf) == 1 else RecordBatch.concat(buf)
-        finally:
-            f.close()
+    def _read_run(self, run: str | list[str], group: int = 1) -> Iterator[RecordBatch]:
+        """A run's records (a key, or a merged run's parts in order), ``group`` frames at a
+        time (fewer, larger merge steps)."""
+        buf: list[RecordBatch] = []
+        for key in [run] if isinstance(run, str) else run:
+            f = self.store.open_read(key)
+            try:
+                for b in decode_run_frames(f.read, self._dctx, self.wide):
+                    buf.append(b)
+                    if len(buf) >= group:
+                        yield buf[0] if len(buf) == 1 else RecordBatch.concat(buf)
+                        buf = []
+            finally:
+                f.close()
+        if buf:
+            yield buf[0] if len(buf) == 1 else RecordBatch.concat(buf)
 
-    def _merge(self, keys: list[str]) -> Iterator[RecordBatch]:
+    def _merge(self, keys: list) -> Iterator[RecordBatch]:
         # each run's read-ahead gets an equal share of an eighth of the memory budget
         group = max(1, (self.max_memory // 8) // (max(1, len(keys)) * self.frame_bytes))
         return merge_sorted([self._read_run(k, group) for k in keys])
@@ -234,7 +245,7 @@ class ExternalSorter:
         while len(runs) > self.fan_in:  # multi-pass merge keeps memory bounded
             group, runs = runs[:self.fan_in], runs[self.fan_in:]
             merged = self._spill(self._merge(group))
-            self.store.delete(group)
+            self.store.delete([k for r in group for k in ([r] if isinstance(r, str) else r)])
             runs.insert(0, merged)  # the earliest runs, merged: input order (and stability) kept
         yield from self._merge(runs)
 
