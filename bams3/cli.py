@@ -806,13 +806,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+MMAP_THRESHOLD = 1 << 20  # glibc serves allocations from this size up with their own mmap
+
+
 def _limit_malloc_arenas() -> None:
     """glibc gives each thread its own malloc arena; with encode/upload/inflate threads the
-    freed buffers of a long conversion stay resident. Two arenas keep RSS near the live data."""
+    freed buffers of a long conversion stay resident. Two arenas keep RSS near the live data.
+    A fixed mmap threshold (glibc's own rises up to 32 MiB as big buffers are freed) keeps
+    the sort's and the chunks' multi-MiB buffers out of the heap: freed, they go back to the
+    system instead of staying resident as fragments."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX = -8
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX = -8
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD = -3
     except (OSError, AttributeError):
         pass
 

@@ -16,10 +16,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from bams3core.bam import BamHeader, RecordBatch, Reference
+from bams3core.bam import BamHeader, RecordBatch, Reference, gather, sort_keys
 from bams3core.index import Manifest
 from bams3core.planner import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK_BYTES
-from bams3core.sorting import decode_run_frames, encode_run_frames, merge_sorted, sort_batch
+from bams3core.sorting import decode_run_frames, encode_run_frames, merge_sorted
 
 import numpy as np
 import zstandard
@@ -72,34 +72,94 @@ class ConvertResult:
 
 # -- sorting ----------------------------------------------------------------------------
 SPILL_THREADS = 2  # zstd threads compressing a run's frames (the encoders are idle while runs are cut)
+SPILL_GROUP_BYTES = 1 << 20  # raw bytes gathered (in sorted order) and compressed at a time
+
+
+class _RunBuffer:
+    """One sort run's raw records, copied into a single preallocated buffer as they arrive (the
+    input batches are released at once), with their offsets and sort keys. Sorting it costs an
+    index (8 bytes a record per array), not a second copy of the records."""
+
+    def __init__(self, capacity: int):
+        self.data = np.empty(capacity, dtype=np.uint8)
+        self.clear()
+
+    def clear(self) -> None:
+        self.used = 0
+        self._starts: list[np.ndarray] = []
+        self._keys: list[np.ndarray] = []
+
+    @property
+    def n(self) -> int:
+        return sum(len(k) for k in self._keys)
+
+    def room(self) -> int:
+        return len(self.data) - self.used
+
+    def add(self, batch: RecordBatch) -> None:
+        raw = batch.raw()
+        if len(raw) > self.room():  # one record larger than the buffer: grow it
+            grown = np.empty(self.used + len(raw), dtype=np.uint8)
+            grown[:self.used] = self.data[:self.used]
+            self.data = grown
+        self.data[self.used:self.used + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        self._starts.append(batch.offsets[:-1] - batch.offsets[0] + self.used)
+        self._keys.append(sort_keys(batch.fixed()))
+        self.used += len(raw)
+
+    def order(self) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, lengths) of the records in samtools' order (stable)."""
+        starts = np.concatenate(self._starts)
+        lens = np.diff(np.append(starts, self.used))
+        order = np.argsort(np.concatenate(self._keys), kind="stable")
+        self._keys.clear()
+        return starts[order], lens[order]
 
 
 class ExternalSorter:
-    """Sorts a record stream like `samtools sort`, spilling sorted runs to the store."""
+    """Sorts a record stream like `samtools sort`, spilling sorted runs to the store.
+
+    Memory: one run buffer of half of ``max_memory`` (records copied in as they arrive), its
+    index, and the run's compressed frames while it is spilled (zstd level 1: about a third of
+    the run); the merge reads ahead an eighth of ``max_memory`` in all."""
 
     def __init__(self, store: Store, run_id: str, max_memory: int, wide: bool = False):
         self.store = store
         self.wide = wide  # the records are wide (format v1.1 input)
         self.prefix = f"_tmp/{run_id}/"
         self.max_memory = max_memory
-        self.run_bytes = max(1 << 16, max_memory // 3)  # sorting a run needs ~2.5x its size
+        self.run_bytes = max(1 << 16, max_memory // 2)
         self.frame_bytes = max(1 << 12, min(1 << 16, max_memory // 16))
-        self.fan_in = max(2, max_memory // (2 * self.frame_bytes))
+        self.fan_in = max(2, max_memory // (8 * self.frame_bytes))  # read-ahead: a frame a run at least
         self.runs: list[str] = []
         self._cctx = zstandard.ZstdCompressor(level=1)
         self._dctx = zstandard.ZstdDecompressor()  # shared by all run readers (one merging thread)
         self._n = 0
 
-    def _spill(self, batches: Iterator[RecordBatch]) -> str:
+    def _key(self) -> str:
         key = f"{self.prefix}run-{self._n:06d}"
         self._n += 1
-        frames = []
-        for b in batches:
-            frames.extend(self._frames(b))
-        self.store.set(key, b"".join(frames), kind="tmp")
         return key
 
-    def _frames(self, batch: RecordBatch) -> list[bytes]:
+    def _put(self, out: bytearray) -> str:
+        key = self._key()
+        self.store.set(key, out, kind="tmp")
+        return key
+
+    def _spill(self, batches: Iterator[RecordBatch]) -> list[str]:
+        """A run of already sorted batches (a merge pass), spilled as parts of at most half a
+        run's compressed size each (a merged run is never held whole)."""
+        parts, out = [], bytearray()
+        for b in batches:
+            out += self._frames(b)
+            if len(out) >= self.run_bytes // 2:
+                parts.append(self._put(out))
+                out = bytearray()
+        if out or not parts:
+            parts.append(self._put(out))
+        return parts
+
+    def _frames(self, batch: RecordBatch) -> bytes:
         pieces, start, n = [], 0, len(batch)
         offs = batch.offsets
         while start < n:
@@ -107,56 +167,85 @@ class ExternalSorter:
             stop = max(start + 1, min(stop, n))
             pieces.append(batch.slice(start, stop))
             start = stop
-        return [encode_run_frames(pieces, self._cctx, threads=SPILL_THREADS)]
+        return encode_run_frames(pieces, self._cctx, threads=SPILL_THREADS)
 
-    def _read_run(self, key: str, group: int = 1) -> Iterator[RecordBatch]:
-        """A run's records, ``group`` frames at a time (fewer, larger merge steps)."""
-        f = self.store.open_read(key)
-        try:
-            buf: list[RecordBatch] = []
-            for b in decode_run_frames(f.read, self._dctx, self.wide):
-                buf.append(b)
-                if len(buf) >= group:
-                    yield buf[0] if len(buf) == 1 else RecordBatch.concat(buf)
-                    buf = []
-            if buf:
-                yield buf[0] if len(buf) == 1 else RecordBatch.concat(buf)
-        finally:
-            f.close()
+    def _sorted_groups(self, run: _RunBuffer) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The run's records in sorted order, ~SPILL_GROUP_BYTES at a time: (raw bytes, offsets)."""
+        starts, lens = run.order()
+        ends = np.cumsum(lens)
+        a = 0
+        while a < len(starts):
+            b = int(np.searchsorted(ends, ends[a] - lens[a] + SPILL_GROUP_BYTES, side="right"))
+            b = max(a + 1, min(b, len(starts)))
+            offs = np.zeros(b - a + 1, dtype=np.int64)
+            np.cumsum(lens[a:b], out=offs[1:])
+            yield gather(run.data, starts[a:b], lens[a:b]), offs
+            a = b
 
-    def _merge(self, keys: list[str]) -> Iterator[RecordBatch]:
+    def _spill_run(self, run: _RunBuffer) -> str:
+        """Sort the buffered run and spill it, compressed frame by frame (never a sorted copy)."""
+        key = self._key()
+        out = bytearray()
+        for raw, offs in self._sorted_groups(run):
+            out += self._frames(RecordBatch(raw, offs, self.wide))
+        run.clear()
+        self.store.set(key, out, kind="tmp")
+        return key
+
+    def _read_run(self, run: str | list[str], group: int = 1) -> Iterator[RecordBatch]:
+        """A run's records (a key, or a merged run's parts in order), ``group`` frames at a
+        time (fewer, larger merge steps)."""
+        buf: list[RecordBatch] = []
+        for key in [run] if isinstance(run, str) else run:
+            f = self.store.open_read(key)
+            try:
+                for b in decode_run_frames(f.read, self._dctx, self.wide):
+                    buf.append(b)
+                    if len(buf) >= group:
+                        yield buf[0] if len(buf) == 1 else RecordBatch.concat(buf)
+                        buf = []
+            finally:
+                f.close()
+        if buf:
+            yield buf[0] if len(buf) == 1 else RecordBatch.concat(buf)
+
+    def _merge(self, keys: list) -> Iterator[RecordBatch]:
         # each run's read-ahead gets an equal share of an eighth of the memory budget
         group = max(1, (self.max_memory // 8) // (max(1, len(keys)) * self.frame_bytes))
         return merge_sorted([self._read_run(k, group) for k in keys])
 
-    @staticmethod
-    def _sorted_run(buf: list[RecordBatch]) -> RecordBatch:
-        """Concatenate and sort the buffered batches, releasing them first (peak ~2x the run)."""
-        joined = RecordBatch.concat(buf)
-        buf.clear()
-        return sort_batch(joined)
-
     def sort(self, batches: Iterator[RecordBatch]) -> Iterator[RecordBatch]:
-        buf: list[RecordBatch] = []
-        size = 0
+        run = _RunBuffer(self.run_bytes)
         for b in batches:
-            buf.append(b)
-            size += len(b.raw())
-            if size >= self.run_bytes:
-                self.runs.append(self._spill(iter([self._sorted_run(buf)])))
-                size = 0
-        last = self._sorted_run(buf) if buf else None
+            while len(b):
+                if len(b.raw()) > run.room():
+                    # the records that fit, then spill (a batch never overfills the run)
+                    offs = b.offsets
+                    k = int(np.searchsorted(offs, offs[0] + run.room(), side="right")) - 1
+                    if k == 0 and run.used:  # not even one record fits: spill first
+                        self.runs.append(self._spill_run(run))
+                        continue
+                    k = max(k, 1)
+                    run.add(b.slice(0, k))
+                    b = b.slice(k, len(b))
+                    if len(b):
+                        self.runs.append(self._spill_run(run))
+                else:
+                    run.add(b)
+                    break
+            del b  # the run holds a copy: the input batch goes now
         if not self.runs:
-            if last is not None and len(last):
-                yield last
+            for raw, offs in self._sorted_groups(run):  # all in memory: no spill
+                yield RecordBatch(raw.tobytes(), offs, self.wide)
             return
-        if last is not None and len(last):
-            self.runs.append(self._spill(iter([last])))
+        if run.used:
+            self.runs.append(self._spill_run(run))
+        del run
         runs = list(self.runs)
         while len(runs) > self.fan_in:  # multi-pass merge keeps memory bounded
             group, runs = runs[:self.fan_in], runs[self.fan_in:]
             merged = self._spill(self._merge(group))
-            self.store.delete(group)
+            self.store.delete([k for r in group for k in ([r] if isinstance(r, str) else r)])
             runs.insert(0, merged)  # the earliest runs, merged: input order (and stability) kept
         yield from self._merge(runs)
 

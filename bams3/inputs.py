@@ -68,7 +68,7 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
 class BgzfReader:
     """Iterates the decompressed contents of a BGZF stream, inflating blocks in parallel."""
 
-    def __init__(self, f: BinaryIO, threads: int = 2, group: int = 64, name: str = "input"):
+    def __init__(self, f: BinaryIO, threads: int = 2, group: int = 16, name: str = "input"):
         self.f = f
         self.name = name
         self.group = group
@@ -160,16 +160,25 @@ class AlignmentInput:
         self._check_complete = check_complete
 
     def batches(self, batch_bytes: int = 4 << 20) -> Iterator[RecordBatch]:
-        buf = self._buf
+        buf, self._buf = self._buf, b""  # (not kept for the whole input)
+        pieces, size = [buf] if buf else [], len(buf)
         n = 0
         for piece in self._iter:
-            buf = buf + piece if buf else piece
-            if len(buf) < batch_bytes:
+            pieces.append(piece)
+            size += len(piece)
+            del piece
+            if size < batch_bytes:
                 continue
+            buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)  # one copy, not one per piece
+            pieces.clear()
             batch, buf = self._split(buf)
+            pieces, size = ([buf] if buf else []), len(buf)
             if batch is not None:
                 n = self._check_refs(batch, n)
                 yield batch
+                del batch
+        buf = b"".join(pieces)
+        pieces.clear()
         while buf:
             batch, rest = self._split(buf)
             if batch is None:
@@ -296,8 +305,11 @@ def open_input(source: str, *, reference: str | None = None, threads: int = 2,
                 return open_wide_sam(None, name, source)
             return _via_htslib(None, name, reference, threads, source)
 
+        held = [first]  # not a closure over `first`: the first piece is not kept for the whole input
+        del first
+
         def data():
-            yield first
+            yield held.pop()
             yield from chunks
 
         it = data()

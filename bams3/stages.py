@@ -63,6 +63,13 @@ MIN_SHARD_BYTES = 4 << 20
 S3_INFLATE_GROUP = 8
 S3_BATCH_BYTES = 1 << 20
 MAX_CHUNKS_IN_FLIGHT = 2  # chunk uploads queued or running at once (each up to chunk_bytes)
+
+
+def chunks_in_flight(max_memory: int, chunk_bytes: int) -> int:
+    """Chunk uploads queued or running while the next chunk is assembled: the chunks held
+    (those and the one being assembled) take at most a quarter of ``max_memory`` (at least one
+    chunk, whose upload is then waited for), and at most MAX_CHUNKS_IN_FLIGHT."""
+    return max(0, min(MAX_CHUNKS_IN_FLIGHT, (max_memory // 4) // max(1, chunk_bytes) - 1))
 #: a run whose lease was not refreshed for this long may be taken over by --resume
 RESUME_AFTER = 3 * layout.LEASE_TTL / layout.HEARTBEATS_PER_TTL
 
@@ -542,7 +549,8 @@ def encode_into(stream: Iterator[RecordBatch], sink: ShardSink, job: ShardJob, *
     assembler = ChunkAssembler(job.chunk_bytes)
     assembler._next = sink.next
     enc = ThreadPoolExecutor(threads, thread_name_prefix="encode")
-    up = ThreadPoolExecutor(max(1, min(upload_conc, MAX_CHUNKS_IN_FLIGHT + 1)), thread_name_prefix="upload")
+    in_flight = chunks_in_flight(job.max_memory, job.chunk_bytes)
+    up = ThreadPoolExecutor(max(1, min(upload_conc, in_flight + 1)), thread_name_prefix="upload")
     pending_enc: deque = deque()
     pending_up: deque = deque()
     cur = [_ChunkStats(sink.n_refs)]
@@ -564,7 +572,7 @@ def encode_into(stream: Iterator[RecordBatch], sink: ShardSink, job: ShardJob, *
         sink.new_number()
         sink.add(chunk, cs)  # rows computed before the payload is joined (blocks keep sizes)
         pending_up.append((up.submit(sink.upload, chunk, cs), chunk))
-        drain_uploads(MAX_CHUNKS_IN_FLIGHT)
+        drain_uploads(in_flight)
 
     def take_encoded(limit: int) -> None:
         while len(pending_enc) > limit:
@@ -587,8 +595,11 @@ def encode_into(stream: Iterator[RecordBatch], sink: ShardSink, job: ShardJob, *
 
     def add_blocks(blocks) -> None:
         for blk in blocks:
+            raw = blk.raw()
+            if len(blk.data) > 2 * len(raw):  # a block owns its bytes: the batch it was cut
+                blk = RecordBatch(bytes(raw), blk.offsets - blk.offsets[0], blk.wide)  # from goes
             slice_.append(blk)
-            size[0] += len(blk.raw())
+            size[0] += len(raw)
             if size[0] >= job.slice_bytes:
                 submit_slice()
 

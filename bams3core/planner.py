@@ -56,10 +56,22 @@ class BlockPlanner:
                                  "comes before its predecessor)", in_order=int(bad[0]) + 1)
             self._last_key = keys[-1]
         self.n_records += len(batch)
-        if self._pending is not None:
-            batch = RecordBatch.concat([self._pending, batch])
-            fx = batch.fixed()
+        while self._pending is not None and len(batch):
+            # complete the pending block with the batch's head only: a copy of about one block,
+            # not of the whole batch
+            offs = batch.offsets
+            k = int(np.searchsorted(offs, offs[0] + self.block_bytes, side="right")) - 1
+            k = max(1, min(k, self.max_records, len(batch)))
+            head = RecordBatch.concat([self._pending, batch.slice(0, k)])
             self._pending = None
+            batch = batch.slice(k, len(batch))
+            yield from self._cut(head, head.fixed())
+        if len(batch):
+            yield from self._cut(batch, fx if len(fx) == len(batch) else batch.fixed())
+
+    def _cut(self, batch: RecordBatch, fx: np.ndarray) -> Iterator[RecordBatch]:
+        """Blocks of ``batch``; a tail shorter than a block becomes the pending block (the next
+        batch may continue it)."""
         refid = fx["refid"]
         sizes = np.diff(batch.offsets)
         if batch.wide:  # blocks are cut by BAM size, so wide input that BAM can hold cuts as BAM does
@@ -98,7 +110,16 @@ class PlannedChunk:
     def size(self) -> int:
         return len(self._payload) if self._payload is not None else sum(len(b.data) for b in self.blocks)
 
-    def payload(self) -> bytes:
+    def append(self, block: EncodedBlock) -> None:
+        """Add a block, moving its bytes into the chunk's buffer at once (the chunk never
+        holds its bytes twice, not even while it is joined for upload)."""
+        if self._payload is None:
+            self._payload = bytearray()
+        self._payload += block.data
+        block.data = b""
+        self.blocks.append(block)
+
+    def payload(self) -> bytes | bytearray:
         """The chunk object's bytes. Joined once; the blocks then drop their copies (so a
         chunk waiting for upload holds its bytes once), and later calls return the same."""
         if self._payload is None:
@@ -122,8 +143,8 @@ class ChunkAssembler:
             self._cur = PlannedChunk(self._next)
             self._next += 1
             self._size = 0
-        self._cur.blocks.append(block)
         self._size += len(block.data)
+        self._cur.append(block)
         if self._size >= self.chunk_bytes:
             done, self._cur = self._cur, None
             return done
