@@ -140,7 +140,7 @@ class ExternalSorter:
         buf: list[RecordBatch] = []
         size = 0
         for b in batches:
-            buf.append(b)
+            buf.append(b.forget_fixed())  # held until the run is cut: its bytes only
             size += len(b.raw())
             if size >= self.run_bytes:
                 self.runs.append(self._spill(iter([self._sorted_run(buf)])))

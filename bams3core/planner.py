@@ -39,6 +39,7 @@ class BlockPlanner:
         self.max_records = max_block_records
         self.check_order = check_order
         self._pending: RecordBatch | None = None
+        self._pending_bytes = 0  # its size as blocks are cut (BAM bytes)
         self._last_key = None
         self.n_records = 0
 
@@ -56,18 +57,31 @@ class BlockPlanner:
                                  "comes before its predecessor)", in_order=int(bad[0]) + 1)
             self._last_key = keys[-1]
         self.n_records += len(batch)
-        if self._pending is not None:
-            batch = RecordBatch.concat([self._pending, batch])
-            fx = batch.fixed()
-            self._pending = None
-        refid = fx["refid"]
         sizes = np.diff(batch.offsets)
         if batch.wide:  # blocks are cut by BAM size, so wide input that BAM can hold cuts as BAM does
             sizes = sizes - (WIDE_FIXED_SIZE - FIXED_SIZE)
+        refid = fx["refid"]
         n = len(batch)
         start = 0
+        if self._pending is not None:
+            # The pending block continues into this batch: complete it with the fewest records
+            # (the cuts are those of the two batches joined; only the block itself is copied).
+            pend, self._pending = self._pending, None
+            m = len(pend)
+            psize = int(self._pending_bytes)
+            other = np.flatnonzero(refid != pend.fixed()["refid"][-1])
+            r = int(other[0]) if len(other) else n  # records before the first reference change
+            cum = np.concatenate([[0], np.cumsum(sizes)])
+            k = int(np.searchsorted(cum, self.block_bytes - psize, side="right")) - 1
+            k = max(0, min(k, r, self.max_records - m))
+            if k == r == n and psize + cum[k] < self.block_bytes and m + k < self.max_records:
+                self._pending = RecordBatch.concat([pend, batch])  # still open: wait for more
+                self._pending_bytes = psize + int(cum[k])
+                return
+            yield pend if k == 0 else RecordBatch.concat([pend, batch.slice(0, k)])
+            start = k
         # split points where the reference changes
-        ref_breaks = list(np.flatnonzero(refid[1:] != refid[:-1]) + 1) + [n]
+        ref_breaks = [int(x) for x in np.flatnonzero(refid[start + 1:] != refid[start:-1]) + start + 1] + [n]
         csum = np.concatenate([[0], np.cumsum(sizes)])
         for stop in ref_breaks:
             while start < stop:
@@ -78,6 +92,7 @@ class BlockPlanner:
                 if end == stop and stop == n and csum[end] - csum[start] < self.block_bytes \
                         and end - start < self.max_records:
                     self._pending = batch.slice(start, end)  # may continue in the next batch
+                    self._pending_bytes = int(csum[end] - csum[start])
                     return
                 yield batch.slice(start, end)
                 start = end

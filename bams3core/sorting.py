@@ -94,6 +94,7 @@ def merge_sorted(runs: list[Iterable[RecordBatch]]) -> Iterator[RecordBatch]:
             if len(b):
                 break
         k = sort_keys(b.fixed())
+        b.forget_fixed()  # buffered until merged: its bytes only
         if bufs[i] is None or len(bufs[i]) == 0:
             bufs[i], keys[i] = b, k
         else:
