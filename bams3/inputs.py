@@ -147,9 +147,12 @@ class BgzfReader:
     def _inflate_all(cls, blocks: list[bytes]) -> bytes:
         return b"".join([cls._inflate(b) for b in blocks])
 
+    TASK_BLOCKS = 8  # blocks inflated per task: few futures, yet a slow thread holds up little
+
     def _submit(self, blocks: list[bytes]) -> list:
-        """Inflate ``blocks`` as one task per thread (contiguous runs of blocks, in order)."""
-        k = min(self.threads, len(blocks))
+        """Inflate ``blocks`` as tasks of about TASK_BLOCKS consecutive blocks (in order)."""
+        k = max(self.threads, -(-len(blocks) // self.TASK_BLOCKS))
+        k = min(k, len(blocks))
         cut = [len(blocks) * i // k for i in range(k + 1)]
         return [self.pool.submit(self._inflate_all, blocks[cut[i]:cut[i + 1]]) for i in range(k)]
 
