@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
 import struct
 import subprocess
 import sys
@@ -68,42 +67,66 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
 class BgzfReader:
     """Iterates the decompressed contents of a BGZF stream, inflating blocks in parallel."""
 
+    READ_BYTES = 1 << 20  # compressed bytes read at a time (block headers are parsed from them)
+
     def __init__(self, f: BinaryIO, threads: int = 2, group: int = 16, name: str = "input"):
         self.f = f
         self.name = name
         self.group = group
-        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="bgzf")
+        self.threads = max(1, threads)
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="bgzf")
         self.saw_eof_marker = False
         self.compressed_bytes = 0
+        self._buf = b""
+        self._pos = 0
+
+    def _fill(self, need: int) -> int:
+        """Make ``need`` unparsed bytes available if the stream has them; returns how many are."""
+        have = len(self._buf) - self._pos
+        if have >= need:
+            return have
+        parts = [self._buf[self._pos:]]
+        while have < need:
+            data = self.f.read(max(need - have, self.READ_BYTES))
+            if not data:
+                break
+            parts.append(data)
+            have += len(data)
+        self._buf = b"".join(parts)
+        self._pos = 0
+        return have
 
     def _next_blocks(self) -> list[bytes]:
         blocks = []
         for _ in range(self.group):
-            head = _read_exact(self.f, 18)
-            if not head:
+            have = self._fill(18)
+            if not have:
                 break
-            if len(head) < 18 or head[:2] != _GZ_MAGIC:
+            buf, p = self._buf, self._pos
+            if have < 18 or buf[p:p + 2] != _GZ_MAGIC:
                 raise InputError(f"{self.name}: truncated or corrupt BGZF block (is this a BAM file?)")
-            flg = head[3]
-            if not flg & 4:
+            if not buf[p + 3] & 4:
                 raise InputError(f"{self.name}: gzip data that is not BGZF; recompress with bgzip or samtools")
-            (xlen,) = struct.unpack_from("<H", head, 10)
-            extra = head[12:18] + _read_exact(self.f, xlen - 6)
+            (xlen,) = struct.unpack_from("<H", buf, p + 10)
+            have = self._fill(12 + xlen)
+            buf, p = self._buf, self._pos
+            extra = buf[p + 12:p + min(have, 12 + xlen)]
             bsize = None
-            p = 0
-            while p + 4 <= len(extra):
-                si1, si2, slen = extra[p], extra[p + 1], struct.unpack_from("<H", extra, p + 2)[0]
+            q = 0
+            while q + 4 <= len(extra):
+                si1, si2, slen = extra[q], extra[q + 1], struct.unpack_from("<H", extra, q + 2)[0]
                 if si1 == 66 and si2 == 67 and slen == 2:
-                    bsize = struct.unpack_from("<H", extra, p + 4)[0]
-                p += 4 + slen
+                    bsize = struct.unpack_from("<H", extra, q + 4)[0]
+                q += 4 + slen
             if bsize is None:
                 raise InputError(f"{self.name}: gzip data that is not BGZF (no BC field)")
             rest_len = bsize + 1 - 12 - xlen
-            rest = _read_exact(self.f, rest_len)
-            if len(rest) < rest_len:
+            total = 12 + xlen + max(rest_len, 0)
+            if self._fill(total) < total:
                 raise InputError(f"{self.name}: truncated BGZF block (file cut short?)")
             self.compressed_bytes += 12 + xlen + rest_len
-            blocks.append(head[:12] + extra + rest)
+            blocks.append(self._buf[self._pos:self._pos + total])
+            self._pos += total
         return blocks
 
     @staticmethod
@@ -119,6 +142,19 @@ class BgzfReader:
             raise ValueError("CRC mismatch")
         return data
 
+    @classmethod
+    def _inflate_all(cls, blocks: list[bytes]) -> bytes:
+        return b"".join([cls._inflate(b) for b in blocks])
+
+    TASK_BLOCKS = 8  # blocks inflated per task: few futures, yet a slow thread holds up little
+
+    def _submit(self, blocks: list[bytes]) -> list:
+        """Inflate ``blocks`` as tasks of about TASK_BLOCKS consecutive blocks (in order)."""
+        k = max(self.threads, -(-len(blocks) // self.TASK_BLOCKS))
+        k = min(k, len(blocks))
+        cut = [len(blocks) * i // k for i in range(k + 1)]
+        return [self.pool.submit(self._inflate_all, blocks[cut[i]:cut[i + 1]]) for i in range(k)]
+
     def chunks(self) -> Iterator[bytes]:
         """Yields decompressed data in pieces of about ``group`` blocks."""
         pending = None
@@ -127,23 +163,23 @@ class BgzfReader:
                 blocks = self._next_blocks()
                 if not blocks:
                     break
-                fut = self.pool.map(self._inflate, blocks)
+                futs = self._submit(blocks)
                 if pending is not None:
                     yield self._collect(pending)
-                pending = (fut, blocks)
+                pending = (futs, blocks)
             if pending is not None:
                 yield self._collect(pending)
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _collect(self, pending) -> bytes:
-        fut, blocks = pending
+        futs, blocks = pending
         try:
-            parts = list(fut)
+            parts = [f.result() for f in futs]
         except ValueError as e:
             raise InputError(f"{self.name}: corrupt BGZF block ({e})") from None
         self.saw_eof_marker = blocks[-1] == BGZF_EOF
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class AlignmentInput:

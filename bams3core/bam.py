@@ -198,6 +198,9 @@ class RecordBatch:
     data: bytes
     offsets: np.ndarray  # int64, len n+1, offsets[0] may be > 0
     wide: bool = False   # records in the wide layout (WIDE_FIXED_DTYPE), not BAM's
+    # :meth:`fixed`, once computed (slices share it): the stages ask a batch for it several
+    # times (reference check, order check, block planning, encoding)
+    _fx: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def fixed_size(self) -> int:
@@ -241,10 +244,21 @@ class RecordBatch:
         return RecordBatch(data, offs, self.wide)
 
     def slice(self, a: int, b: int) -> "RecordBatch":
-        return RecordBatch(self.data, self.offsets[a:b + 1], self.wide)
+        return RecordBatch(self.data, self.offsets[a:b + 1], self.wide, None if self._fx is None else self._fx[a:b])
 
     def fixed(self) -> np.ndarray:
-        """Structured array (FIXED_DTYPE, or WIDE_FIXED_DTYPE) of the fixed fields of every record."""
+        """Structured array (FIXED_DTYPE, or WIDE_FIXED_DTYPE) of the fixed fields of every record
+        (computed once per batch and kept; callers must not modify it)."""
+        if self._fx is None:
+            self._fx = self._fixed()
+        return self._fx
+
+    def forget_fixed(self) -> "RecordBatch":
+        """Drop the kept :meth:`fixed` array (a batch held for long, e.g. in a sort buffer)."""
+        self._fx = None
+        return self
+
+    def _fixed(self) -> np.ndarray:
         n = len(self)
         dtype, size = (WIDE_FIXED_DTYPE, WIDE_FIXED_SIZE) if self.wide else (FIXED_DTYPE, FIXED_SIZE)
         if n == 0:

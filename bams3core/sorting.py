@@ -38,7 +38,7 @@ def encode_run_frames(batches: list[RecordBatch], cctx: zstandard.ZstdCompressor
     """:func:`encode_run_frame` of each batch, concatenated; compressed on ``threads`` threads."""
     if threads <= 1 or len(batches) < 2:
         return b"".join(encode_run_frame(b, cctx) for b in batches)
-    comp = cctx.multi_compress_to_buffer([bytes(b.raw()) for b in batches], threads=threads)
+    comp = cctx.multi_compress_to_buffer([b.raw() for b in batches], threads=threads)  # views: no copy
     out = []
     for i in range(len(comp)):
         seg = comp[i].tobytes()
@@ -94,6 +94,7 @@ def merge_sorted(runs: list[Iterable[RecordBatch]]) -> Iterator[RecordBatch]:
             if len(b):
                 break
         k = sort_keys(b.fixed())
+        b.forget_fixed()  # buffered until merged: its bytes only
         if bufs[i] is None or len(bufs[i]) == 0:
             bufs[i], keys[i] = b, k
         else:
