@@ -95,12 +95,19 @@ def prefect_stages(verify_mode: str, progress: Progress | None, spec: dict) -> d
     def runner(jobs, *, store, inp, opts):
         if inp is not None:
             raise InputError("a flow reads its source itself: pass a file path or an s3:// URI")
-        futures = [steps.shard.submit(job) for job in jobs]
+        limit = _shards_at_once(opts.threads)
+        pending, futures, running = list(jobs), [], []
         while True:
+            while pending and len(running) < limit:
+                running.append(steps.shard.submit(pending.pop(0)))
+                futures.append(running[-1])
             done, not_done = wait(futures, timeout=PROGRESS_EVERY)
+            running = [f for f in running if f in not_done]
             if progress is not None:
                 progress.poll(len(done))
-            if not not_done:
+            if any(not f.state.is_completed() for f in done):  # final states: no API call
+                pending = []  # a failed shard fails the run: start no more
+            if not not_done and not pending:
                 break
         return [f.result() for f in futures]  # raises the first failure (every shard has ended)
 
@@ -205,6 +212,25 @@ def _input_bytes(source: str, aws: dict) -> int | None:
         return os.path.getsize(source)
     except OSError:
         return None  # the plan reports the problem
+
+
+def _shards_at_once(threads: int) -> int:
+    """Shards the flow runs at once: on its own thread pool, as many as the cores hold at
+    ``threads`` each (more only oversubscribes them: each shard already runs ``threads`` encode
+    threads plus BGZF inflation); on a Dask or Ray cluster, all of them (the cluster schedules)."""
+    try:
+        from prefect.context import FlowRunContext
+
+        runner = FlowRunContext.get().task_runner
+        if not isinstance(runner, ThreadPoolTaskRunner):
+            return 1 << 30
+    except Exception:  # noqa: BLE001 - no context: the thread pool's rule
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores // max(1, threads)))
 
 
 def _runner_workers() -> int | None:

@@ -647,7 +647,9 @@ def test_convert_to_s3_on_a_dask_cluster(prefect_harness, s3_env, sample_bam, da
 
     uri, ref = s3_env.uri("dask"), s3_env.uri("threads")
     on_dask = convert_to_s3.with_options(task_runner=DaskTaskRunner(address=dask_cluster))
-    state = on_dask(source=sample_bam, destination=uri, chunk_size=CHUNK, shards=3, return_state=True)
+    # verify_mode="read": the verify_shard tasks run on the workers too (the default adds none)
+    state = on_dask(source=sample_bam, destination=uri, chunk_size=CHUNK, shards=3, verify_mode="read",
+                    return_state=True)
     assert state.is_completed(), state
     summary = state.result()
     assert summary["shards"] == 4 and summary["reused_chunks"] == 0
