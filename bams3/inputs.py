@@ -69,8 +69,10 @@ class BgzfReader:
 
     READ_BYTES = 1 << 20  # compressed bytes read at a time (block headers are parsed from them)
 
-    def __init__(self, f: BinaryIO, threads: int = 2, group: int = 16, name: str = "input"):
+    def __init__(self, f: BinaryIO, threads: int = 2, group: int = 16, name: str = "input",
+                 read_bytes: int = READ_BYTES):
         self.f = f
+        self.read_bytes = read_bytes
         self.name = name
         self.group = group
         self.threads = max(1, threads)
@@ -87,7 +89,7 @@ class BgzfReader:
             return have
         parts = [self._buf[self._pos:]]
         while have < need:
-            data = self.f.read(max(need - have, self.READ_BYTES))
+            data = self.f.read(max(need - have, self.read_bytes))
             if not data:
                 break
             parts.append(data)
