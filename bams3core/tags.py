@@ -202,9 +202,10 @@ def _cigar_texts(cigar, cig_start, n_cig, recs) -> tuple[np.ndarray, np.ndarray]
     cs = np.ascontiguousarray(cig_start[recs], dtype=np.int64)
     nc = np.ascontiguousarray(n_cig[recs], dtype=np.int64)
     st = np.zeros(len(recs) + 1, dtype=np.int64)
-    total = cigar_text_kernel(cigar, cs, nc, _CIGAR_CHARS, np.empty(0, np.uint8), st)
+    digits = np.empty(12, np.uint8)
+    total = cigar_text_kernel(cigar, cs, nc, _CIGAR_CHARS, np.empty(0, np.uint8), st, digits)
     out = np.empty(total, np.uint8)
-    cigar_text_kernel(cigar, cs, nc, _CIGAR_CHARS, out, st)
+    cigar_text_kernel(cigar, cs, nc, _CIGAR_CHARS, out, st, digits)
     return out, st
 
 
@@ -228,9 +229,10 @@ def _md_texts(md_ref, cigar, cig_start, n_cig, recs):
             np.ascontiguousarray(n_cig[recs], dtype=np.int64), cons, int(lo), _MD_BASES)
     st = np.zeros(len(recs) + 1, dtype=np.int64)
     ok = np.zeros(len(recs), dtype=np.uint8)
-    total = md_predict_kernel(*args, np.empty(0, np.uint8), st, ok)
+    digits = np.empty(24, np.uint8)
+    total = md_predict_kernel(*args, np.empty(0, np.uint8), st, ok, digits)
     out = np.empty(total, np.uint8)
-    md_predict_kernel(*args, out, st, ok)
+    md_predict_kernel(*args, out, st, ok, digits)
     return out, st, ok.astype(bool)
 
 
