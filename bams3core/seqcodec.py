@@ -300,9 +300,17 @@ def _span_kernel(l_seq, pos, cigar, n_cig):
     return lo, hi
 
 
+def _writable(a, dtype):
+    """``a`` as a contiguous, writable array of ``dtype`` (copied only if it is not one): the
+    kernels' declared signatures (bams3core.jit) take these arrays writable, whatever the
+    caller's came from (a read-only buffer or not)."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.writeable else a.copy()
+
+
 def _prep(l_seq, pos, cigar, n_cigar):
-    i64 = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # noqa: E731
-    return i64(l_seq), i64(pos), np.ascontiguousarray(cigar, dtype=np.uint32), i64(n_cigar)
+    return (_writable(l_seq, np.int64), _writable(pos, np.int64), _writable(cigar, np.uint32),
+            _writable(n_cigar, np.int64))
 
 
 def encode_seq(nibbles: np.ndarray, l_seq, pos, cigar, n_cigar, cctx: zstandard.ZstdCompressor) -> bytes:

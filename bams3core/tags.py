@@ -189,7 +189,7 @@ def _derived_nm(md_vals, md_rows, rows, cigar, cig_start, n_cig) -> np.ndarray:
 
         r = rows[ok]
         sub = np.empty(int(ok.sum()), dtype=np.int64)
-        nm_from_md_kernel(np.ascontiguousarray(md_vals, dtype=np.uint8), ms[idx[ok]], ml[idx[ok]],
+        nm_from_md_kernel(_writable(md_vals, np.uint8), ms[idx[ok]], ml[idx[ok]],
                           cigar, np.ascontiguousarray(cig_start[r]), np.ascontiguousarray(n_cig[r]), sub)
         out[ok] = sub
     return out
@@ -209,9 +209,16 @@ def _cigar_texts(cigar, cig_start, n_cig, recs) -> tuple[np.ndarray, np.ndarray]
     return out, st
 
 
+def _writable(a, dtype):
+    """``a`` contiguous and writable (copied only if it is not): the kernels' declared
+    signatures (bams3core.jit) take these arrays writable, wherever the caller's came from."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.writeable else a.copy()
+
+
 def _cigar_args(cigar, n_cigar):
-    cigar = np.ascontiguousarray(cigar, dtype=np.uint32)
-    n_cig = np.ascontiguousarray(n_cigar, dtype=np.int64)
+    cigar = _writable(cigar, np.uint32)
+    n_cig = _writable(n_cigar, np.int64)
     return cigar, n_cig, _cigar_starts(n_cig)
 
 
@@ -223,7 +230,7 @@ def _md_texts(md_ref, cigar, cig_start, n_cig, recs):
     l_seq = np.asarray(l_seq, dtype=np.int64)
     nst = np.zeros(len(l_seq), dtype=np.int64)
     np.cumsum((l_seq + (l_seq & 1))[:-1], out=nst[1:])
-    args = (np.ascontiguousarray(nib, dtype=np.uint8), np.ascontiguousarray(nst[recs]),
+    args = (_writable(nib, np.uint8), np.ascontiguousarray(nst[recs]),
             np.ascontiguousarray(l_seq[recs]), np.ascontiguousarray(np.asarray(pos, dtype=np.int64)[recs]),
             cigar, np.ascontiguousarray(cig_start[recs], dtype=np.int64),
             np.ascontiguousarray(n_cig[recs], dtype=np.int64), cons, int(lo), _MD_BASES)
