@@ -50,7 +50,8 @@ if "numba" not in sys.modules:  # numba reads NUMBA_CACHE_DIR when it is importe
 
 from numba import njit  # noqa: E402
 
-__all__ = ["njit", "fallback_cache_dir", "numba_cache_candidates"]
+__all__ = ["njit", "fallback_cache_dir", "numba_cache_candidates", "DECODE_GROUPS", "declared_signatures", "uncached",
+           "compile_declared"]
 
 
 # -- the decoders' kernels, by declared signature -----------------------------------------------
