@@ -124,7 +124,9 @@ def cmd_convert(args, argv) -> int:
 
 def _open_dataset(args):
     from .dataset import Dataset
+    from .warmup import install_parallel_compile
 
+    install_parallel_compile()  # a first query on a fresh install compiles on two cores
     if not args.dataset.startswith("s3://") and os.path.isfile(args.dataset):
         raise InputError(f"{args.dataset}: is a file, not a bams3 dataset (a directory or s3://bucket/prefix); "
                          f"make one with: bams3 convert {shlex.quote(args.dataset)} DEST")
@@ -141,6 +143,10 @@ def cmd_query(args, argv) -> int:
         check_writable(args.output)
         if args.bam:
             check_writable(args.output + ".bai")
+    if not (args.count or args.header_only):
+        from .warmup import install_parallel_compile
+
+        install_parallel_compile(start=True)  # the decoders' kernels, while the dataset is opened
     ds = _open_dataset(args)
     regions = [ds.parse_region(r) for r in args.regions] if args.regions else None
     if regions is not None and args.multi_region:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-KERNEL_MODULES = ("bams3core.kernels", "bams3core.qualcodec")
+KERNEL_MODULES = ("bams3core.kernels", "bams3core.qualcodec", "bams3core.seqcodec")
 
 
 def dispatchers() -> list[tuple[str, object]]:
@@ -151,6 +151,7 @@ def run_warmup(*, pairs: int = 300, threads: int = 2) -> WarmupReport:
     import pysam
 
     t0 = time.perf_counter()
+    install_parallel_compile().done = True  # every kernel compiled here, and counted here
     with tempfile.TemporaryDirectory(prefix="bams3-warmup-") as tmp:
         sam = os.path.join(tmp, "in.sam")
         bam = os.path.join(tmp, "in.bam")
@@ -176,3 +177,146 @@ def run_warmup(*, pairs: int = 300, threads: int = 2) -> WarmupReport:
     kernels = {n: len(d.overloads) for n, d in disps}
     cache_dir = next((d.stats.cache_path for _n, d in disps if d.stats.cache_path), "?")
     return WarmupReport(seconds=time.perf_counter() - t0, cache_dir=cache_dir, kernels=kernels, **counts)
+
+
+# -- a first query on an empty cache: compile on two cores ---------------------------------------
+HELPER_START_COST = 0.5  # s: a fresh interpreter importing numpy and numba before it compiles
+
+
+class ParallelCompile:
+    """The kernels a query decodes with, ready early, and compiled on two cores on a fresh install.
+
+    :meth:`start` (a background thread, at the start of a query, while the dataset is opened
+    and its first blocks fetched): imports numba and reads numba's cache index; if the
+    decoders' kernels are all cached, loads them (numba's start-up overlaps the I/O); if some
+    are not (a fresh install), starts a helper process compiling part of them, by their
+    declared signatures (bams3core.jit), into numba's cache. As ``bams3core.codec.decode_hook``
+    it runs before the first block is assembled: this process compiles the kernels the block
+    needs that the helper does not, then waits for the helper if the block needs its part,
+    and loads that from the cache. If the helper fails, this process compiles its part itself;
+    nothing else depends on it. Later blocks, and later processes, find everything cached."""
+
+    def __init__(self, timeout: float = 300):
+        import threading
+
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self.done = False
+        self.thread = None
+        self.proc = None
+        self.helper_part: list[str] = []
+        self.last: dict = {}  # what the first block did: {"own": [...], "helper": [...]}
+
+    @staticmethod
+    def split(names: list[str]) -> tuple[list[str], list[str]]:
+        """(this process's part, the helper's part), balanced by COMPILE_COST (the helper
+        starts later: it imports numpy and numba first)."""
+        from bams3core.jit import COMPILE_COST
+
+        own, other = [], []
+        t_own, t_other = 0.0, HELPER_START_COST
+        for n in sorted(names, key=lambda n: -COMPILE_COST.get(n, 0.3)):
+            c = COMPILE_COST.get(n, 0.3)
+            if t_other < t_own:
+                other.append(n)
+                t_other += c
+            else:
+                own.append(n)
+                t_own += c
+        return own, other
+
+    def start(self) -> None:
+        """Begin in a background thread (see the class)."""
+        import threading
+
+        self.thread = threading.Thread(target=self._start, name="bams3-kernels", daemon=True)
+        self.thread.start()
+
+    def _start(self) -> None:
+        try:
+            from bams3core.jit import DECODE_GROUPS, compile_declared, uncached
+
+            names = [k for g in DECODE_GROUPS.values() for k in g]
+            missing = uncached(names)
+            if not missing:
+                compile_declared(names)  # load them now, while the main thread waits for data
+                return
+            _own, other = self.split(missing)
+            self._spawn(other)
+        except Exception:  # noqa: BLE001 - an optimisation only: the decoders compile on first use
+            pass
+
+    def _spawn(self, names: list[str]) -> None:
+        import atexit
+        import subprocess
+        import sys
+
+        if not names:
+            return
+        code = f"from bams3core.jit import compile_declared; compile_declared({names!r})"
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:
+            return
+        self.helper_part = list(names)
+        atexit.register(self._stop)
+
+    def _stop(self) -> None:
+        """At exit: a helper still compiling kernels this process did not need is stopped."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __call__(self, columns) -> None:
+        if self.done:
+            return
+        with self.lock:
+            if self.done:
+                return
+            try:
+                self._first(columns)
+            finally:
+                self.done = True
+
+    def _first(self, columns) -> None:
+        import subprocess
+
+        from bams3core.codec import decode_kernels
+        from bams3core.jit import compile_declared, uncached
+
+        if self.thread is not None:
+            self.thread.join()
+        needed = decode_kernels(columns.frames)
+        if self.proc is None:  # not started early (or nothing was missing then)
+            missing = uncached(needed)
+            if not missing:
+                return
+            self._spawn(self.split(missing)[1])
+        other = [n for n in needed if n in self.helper_part]
+        own = [n for n in needed if n not in other]
+        compile_declared(own)
+        if other and self.proc is not None:
+            try:
+                self.proc.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                self._stop()
+        compile_declared(other)  # loaded from the cache the helper filled (else compiled here)
+        self.last = {"own": own, "helper": other}
+
+
+_PARALLEL: ParallelCompile | None = None
+
+
+def install_parallel_compile(start: bool = False) -> ParallelCompile:
+    """Set ``bams3core.codec.decode_hook`` (once per process); ``start``: begin now (a command
+    about to decode blocks: a query that prints records)."""
+    global _PARALLEL
+    from bams3core import codec
+
+    if _PARALLEL is None:
+        _PARALLEL = ParallelCompile()
+        codec.decode_hook = _PARALLEL
+    if start and _PARALLEL.thread is None and not _PARALLEL.done:
+        _PARALLEL.start()
+    return _PARALLEL

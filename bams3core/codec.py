@@ -607,8 +607,32 @@ def decode_block(data: bytes, stream_sizes, n_records: int, ref_id: int, first_s
     return assemble_records(BlockColumns(split_streams(data, stream_sizes), n_records, ref_id, first_start, wide))
 
 
+# Called with a block's columns before it is assembled, if set: bams3 sets it to start compiling
+# the kernels the block needs (decode_kernels) on two cores when numba's cache lacks them
+# (bams3.warmup.ParallelCompile). Decoding does not depend on it.
+decode_hook = None
+
+
+def decode_kernels(frames: dict) -> list[str]:
+    """The compiled kernels (bams3core.jit.DECODE_GROUPS) decoding these frames calls, from
+    their method bytes (a derived MD column is assumed wherever tags are method 2)."""
+    from .jit import DECODE_GROUPS  # numba: only where a block is about to be decoded
+
+    groups = ["records"]
+    q, s, t = frames.get("qual", b""), frames.get("seq", b""), frames.get("tags", b"")
+    if q[:1] == b"\x01":
+        groups.append("qual-cm")
+    if s[:1] == b"\x01":
+        groups.append("seq-cm")
+    if t[:1] == b"\x02":
+        groups += ["consensus", "tags-derived"]
+    return [k for g in groups for k in DECODE_GROUPS[g]]
+
+
 def assemble_records(c: BlockColumns) -> RecordBatch:
     """The raw BAM records of a block whose frames are all present (§6.10 step 11)."""
+    if decode_hook is not None:
+        decode_hook(c)
     n = c.n
     wide = c.wide
     fixed_dtype, fixed_size = (WIDE_FIXED_DTYPE, WIDE_FIXED_SIZE) if wide else (FIXED_DTYPE, FIXED_SIZE)

@@ -50,4 +50,100 @@ if "numba" not in sys.modules:  # numba reads NUMBA_CACHE_DIR when it is importe
 
 from numba import njit  # noqa: E402
 
-__all__ = ["njit", "fallback_cache_dir", "numba_cache_candidates"]
+__all__ = ["njit", "fallback_cache_dir", "numba_cache_candidates", "DECODE_GROUPS", "declared_signatures", "uncached",
+           "compile_declared"]
+
+
+# -- the decoders' kernels, by declared signature -----------------------------------------------
+# A query compiles (fresh install) or loads (numba's cache) the kernels decoding its blocks need.
+# Their argument types are fixed by the Python wrappers (contiguous arrays; arrays a kernel only
+# reads passed read-only where the wrapper makes them so), and declared here, so that these
+# kernels can be compiled before the first call, by signature, also in another process
+# (bams3.warmup.ParallelCompile: the two halves of a first query's compile run on two cores).
+# tests/test_startup.py checks that a query compiles exactly these signatures.
+
+DECODE_GROUPS = {
+    # every block: the records' assembly (bams3core.bam.gather / scatter, RecordBatch.fixed)
+    "records": ("bams3core.kernels.gather_kernel", "bams3core.kernels.scatter_kernel",
+                "bams3core.kernels.rows_kernel"),
+    # qual frames of method 1 (context model)
+    "qual-cm": ("bams3core.qualcodec._decode_kernel",),
+    # seq frames of method 1, and the block consensus a derived MD column needs (FORMAT.md §12.2)
+    "seq-cm": ("bams3core.seqcodec._decode_kernel",),
+    "consensus": ("bams3core.seqcodec._span_kernel", "bams3core.seqcodec._consensus_kernel"),
+    # tags frames of method 2 with derived columns (NM, MC, MD: §12.3)
+    "tags-derived": ("bams3core.kernels.nm_from_md_kernel", "bams3core.kernels.cigar_text_kernel",
+                     "bams3core.kernels.md_predict_kernel"),
+}
+
+# Relative compile cost (CPU seconds on the 2-core benchmark machine, numba 0.68), to split them.
+COMPILE_COST = {
+    "bams3core.kernels.gather_kernel": 0.15, "bams3core.kernels.scatter_kernel": 0.15,
+    "bams3core.kernels.rows_kernel": 0.15, "bams3core.qualcodec._decode_kernel": 1.0,
+    "bams3core.seqcodec._decode_kernel": 0.9, "bams3core.seqcodec._span_kernel": 0.22,
+    "bams3core.seqcodec._consensus_kernel": 0.28, "bams3core.kernels.nm_from_md_kernel": 0.23,
+    "bams3core.kernels.cigar_text_kernel": 0.45, "bams3core.kernels.md_predict_kernel": 0.65,
+}
+
+
+def declared_signatures() -> dict:
+    """{kernel name: tuple of numba argument types} of every kernel of :data:`DECODE_GROUPS`."""
+    from numba import types as t
+
+    def R(dt, nd=1):  # noqa: N802 - read-only input
+        return t.Array(dt, nd, "C", readonly=True)
+
+    def W(dt, nd=1):  # noqa: N802 - writable
+        return t.Array(dt, nd, "C")
+
+    u8, u32, i32, i64 = t.uint8, t.uint32, t.int32, t.int64
+    return {
+        "bams3core.kernels.gather_kernel": (R(u8), R(i64), R(i64), W(u8)),
+        "bams3core.kernels.scatter_kernel": (W(u8), R(i64), R(i64), R(u8)),
+        "bams3core.kernels.rows_kernel": (R(u8), R(i64), i64, W(u8, 2)),
+        "bams3core.qualcodec._decode_kernel": (R(u8), i64, W(i64), W(i64), i64, *(R(i64),) * 6,
+                                               W(i32, 2), W(i32), W(i32, 2), W(i32), W(i32, 2), W(i32), W(u8)),
+        "bams3core.seqcodec._decode_kernel": (R(u8), i64, W(i64), W(i64), W(u32), W(i64), i64, i64,
+                                              W(i32, 2), W(i32), W(u8), W(u8), W(i64), W(u8)),
+        "bams3core.seqcodec._span_kernel": (W(i64), W(i64), W(u32), W(i64)),
+        "bams3core.seqcodec._consensus_kernel": (W(u8), W(i64), W(i64), W(u32), W(i64), i64, i64, W(u8), W(u8),
+                                                 W(i64)),
+        "bams3core.kernels.nm_from_md_kernel": (W(u8), W(i64), W(i64), W(u32), W(i64), W(i64), W(i64)),
+        "bams3core.kernels.cigar_text_kernel": (W(u32), W(i64), W(i64), R(u8), W(u8), W(i64), W(u8)),
+        "bams3core.kernels.md_predict_kernel": (W(u8), W(i64), W(i64), W(i64), W(u32), W(i64), W(i64), W(u8), i64,
+                                                R(u8), W(u8), W(i64), W(u8), W(u8)),
+    }
+
+
+def dispatcher(name: str):
+    """The numba dispatcher ``module.function``."""
+    import importlib
+
+    mod, _, fn = name.rpartition(".")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def uncached(names) -> list[str]:
+    """The kernels among ``names`` whose declared signature is neither compiled in this process
+    nor in numba's on-disk cache (read from the cache's index files only: nothing is loaded)."""
+    sigs = declared_signatures()
+    out = []
+    for name in names:
+        disp, sig = dispatcher(name), sigs[name]
+        if sig in disp.overloads:
+            continue
+        try:
+            index = disp._cache._cache_file._load_index()  # numba's cache index: {(sig, magic, hashes): file}
+            if any(k[0] == sig for k in index):
+                continue
+        except Exception:  # noqa: BLE001 - numba internals changed: count it as not cached
+            pass
+        out.append(name)
+    return out
+
+
+def compile_declared(names) -> None:
+    """Compile (or load from numba's cache) the declared signature of each kernel of ``names``."""
+    sigs = declared_signatures()
+    for name in names:
+        dispatcher(name).compile(sigs[name])

@@ -446,12 +446,12 @@ def nm_from_md_kernel(md, md_start, md_len, cigar, cig_start, n_cig, out):
 
 
 @njit(cache=True, nogil=True)
-def cigar_text_kernel(cigar, cig_start, n_cig, chars, out, out_start):
+def cigar_text_kernel(cigar, cig_start, n_cig, chars, out, out_start, digits):
     """The SAM text of CIGARs (``*`` if empty), NUL-terminated, written at ``out[out_start[k]:]``;
     with ``out`` None-sized (length 0) only the lengths are returned in ``out_start[k+1]-...``.
-    Returns the total length written (or needed)."""
+    Returns the total length written (or needed). ``digits``: scratch, 12 bytes (the decoders'
+    kernels allocate nothing: compiling them compiles no allocation)."""
     p = 0
-    digits = np.empty(12, np.uint8)
     for k in range(cig_start.shape[0]):
         out_start[k] = p
         if n_cig[k] == 0:
@@ -502,18 +502,19 @@ def _put_int(out, p, v, digits):
 
 
 @njit(cache=True, nogil=True)
-def md_predict_kernel(nib, nib_start, l_seq, pos, cigar, cig_start, n_cig, cons, lo, chars, out, out_start, ok):
+def md_predict_kernel(nib, nib_start, l_seq, pos, cigar, cig_start, n_cig, cons, lo, chars, out, out_start, ok,
+                      digits):
     """The MD text (NUL-terminated) each record would have against the block consensus
     ``cons`` (positions ``lo + k``; 255 = none) as the reference: aligned bases (M = X) that
     differ from it are mismatches, D bases are deleted reference bases; ok[k] = 0 where a
-    needed consensus base is missing. ``out`` of length 0: only the sizes (out_start)."""
+    needed consensus base is missing. ``out`` of length 0: only the sizes (out_start).
+    ``digits``: scratch, 24 bytes."""
     span = cons.shape[0]
-    p = 0
-    digits = np.empty(24, np.uint8)
+    p = np.int64(0)  # int64 variables, not literals: one signature of _put_int
     for k in range(nib_start.shape[0]):
         out_start[k] = p
         ok[k] = 1
-        u = 0
+        u = np.int64(0)
         q = 0
         r = pos[k]
         L = l_seq[k]
@@ -534,7 +535,7 @@ def md_predict_kernel(nib, nib_start, l_seq, pos, cigar, cig_start, n_cig, cons,
                         if out.shape[0]:
                             out[p] = chars[c]
                         p += 1
-                        u = 0
+                        u = np.int64(0)
                     q += 1
                     r += 1
             elif op == 1 or op == 4:
@@ -552,7 +553,7 @@ def md_predict_kernel(nib, nib_start, l_seq, pos, cigar, cig_start, n_cig, cons,
                         out[p] = chars[cons[r - lo]]
                     p += 1
                     r += 1
-                u = 0
+                u = np.int64(0)
             elif op == 3:
                 r += ln
             if ok[k] == 0:

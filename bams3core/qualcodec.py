@@ -299,22 +299,37 @@ def _encode_kernel(qual, lengths, rank, cidx, n, params, q2tab, ptab, etab, q2ta
     return op
 
 
+def _fresh_tables(n: int, params: np.ndarray, cidx: np.ndarray):
+    """:func:`_new_tables` in numpy, plus the orientation bit's tables (fo, to): the decoder
+    takes them as arguments, so compiling it compiles no array allocation (a fresh install's
+    first query compiles the decoder, never the encoder)."""
+    nca = n * int(params[0]) * int(params[1]) * int(params[2])
+    ncb = n * int(params[5]) * int(params[6])
+    boost = int(params[9])
+    tabs = []
+    for nc in (nca, ncb):
+        f = np.ones((nc, n), np.int32)
+        t = np.full(nc, n, np.int32)
+        if boost > 0:
+            rows = np.arange(nc)
+            f[rows, cidx[rows // (nc // n)]] += boost
+            t += boost
+        tabs += [f, t]
+    return (*tabs, np.ones((2, 2), np.int32), np.full(2, 2, np.int32))
+
+
 @njit(cache=True, nogil=True)
-def _decode_kernel(data, start, lengths, total, ord_of_ci, n, params, q2tab, ptab, etab, q2tabB, ptabB, out_sym):
-    """Decode ``total`` symbols (as ranks in ``out_sym``) from ``data[start:]``.
+def _decode_kernel(data, start, lengths, ord_of_ci, n, params, q2tab, ptab, etab, q2tabB, ptabB, fa, ta, fb, tb,
+                   fo, to, out_sym):
+    """Decode ``sum(lengths)`` symbols (as ranks in ``out_sym``) from ``data[start:]``, with
+    fresh tables ``fa, ta, fb, tb, fo, to`` (:func:`_fresh_tables`; updated in place).
 
     Bounds-safe for any input: bytes past the end read as 0, every decoded value is a
     valid rank, loops are bounded by ``lengths``. Returns the number of bytes consumed
     (can exceed the available bytes when the input is truncated).
     """
-    cidx = np.empty(n, np.int64)
-    for ci in range(n):
-        cidx[ord_of_ci[ci]] = ci
     nq2 = params[0]; npos = params[1]; ne = params[2]; inca = params[3]; lima = params[4]
     nq2b = params[5]; npb = params[6]; incb = params[7]; limb = params[8]; q2max = params[10]
-    fa, ta, fb, tb = _new_tables(n, params, cidx)
-    fo = np.ones((2, 2), np.int32)
-    to = np.full(2, 2, np.int32)
     end = data.shape[0]
     ip = start
     rng = np.int64(0xFFFFFFFF)
@@ -564,9 +579,11 @@ def decode_quals(data: bytes, lengths: np.ndarray) -> np.ndarray:
         _check_counts(total, nreads, lh, tot, nr, lengths)
         pos += 2
         tabs = _model_tables(preset, n)
+        cidx = np.empty(n, np.int64)
+        cidx[ord_of_ci] = np.arange(n)
         ranks = np.empty(total, np.uint8)
         arr = np.frombuffer(data, dtype=np.uint8)
-        _decode_kernel(arr, pos, lengths, total, ord_of_ci, n, *tabs, ranks)
+        _decode_kernel(arr, pos, lengths, ord_of_ci, n, *tabs, *_fresh_tables(n, tabs[0], cidx), ranks)
         return syms[ranks]
     raise ValueError(f"unknown quality block method {method}")
 

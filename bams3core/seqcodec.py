@@ -103,7 +103,7 @@ def _encode_kernel(nib, l_seq, pos, cigar, n_cig, lo, span, out):
     csize = np.int64(1)
     op = 0
     off = 0
-    c0 = 0
+    c0 = np.int64(0)
     for i in range(l_seq.shape[0]):
         L = l_seq[i]
         nc = n_cig[i]
@@ -173,18 +173,19 @@ def _encode_kernel(nib, l_seq, pos, cigar, n_cig, lo, span, out):
     return op
 
 
+def _work_arrays(l_seq, span: int):
+    """The decoders' fresh state, allocated here (compiling a decoder then compiles no array
+    allocation): frequencies and totals, consensus and votes over ``span``, and a read's
+    reference positions."""
+    n = max(span, 1)
+    return (np.ones((_NCTX, _NSYM), np.int32), np.full(_NCTX, _NSYM, np.int32), np.full(n, 255, np.uint8),
+            np.zeros(n, np.uint8), np.empty(max(int(l_seq.max()) if len(l_seq) else 1, 1), np.int64))
+
+
 @njit(cache=True, nogil=True)
-def _decode_kernel(data, start, l_seq, pos, cigar, n_cig, lo, span, out):
-    """Inverse of :func:`_encode_kernel`; bounds-safe (bytes past the end read as 0)."""
-    f = np.ones((_NCTX, _NSYM), np.int32)
-    tot = np.full(_NCTX, _NSYM, np.int32)
-    cons = np.full(max(span, 1), 255, np.uint8)
-    votes = np.zeros(max(span, 1), np.uint8)
-    maxl = 1
-    for i in range(l_seq.shape[0]):
-        if l_seq[i] > maxl:
-            maxl = l_seq[i]
-    kpos = np.empty(maxl, np.int64)
+def _decode_kernel(data, start, l_seq, pos, cigar, n_cig, lo, span, f, tot, cons, votes, kpos, out):
+    """Inverse of :func:`_encode_kernel`, with the fresh state of :func:`_work_arrays`;
+    bounds-safe (bytes past the end read as 0)."""
     end = data.shape[0]
     ip = start
     rng = np.int64(0xFFFFFFFF)
@@ -194,7 +195,7 @@ def _decode_kernel(data, start, l_seq, pos, cigar, n_cig, lo, span, out):
         ip += 1
         code = ((code << 8) | x) & _MASK32
     off = 0
-    c0 = 0
+    c0 = np.int64(0)
     for i in range(l_seq.shape[0]):
         L = l_seq[i]
         nc = n_cig[i]
@@ -299,9 +300,17 @@ def _span_kernel(l_seq, pos, cigar, n_cig):
     return lo, hi
 
 
+def _writable(a, dtype):
+    """``a`` as a contiguous, writable array of ``dtype`` (copied only if it is not one): the
+    kernels' declared signatures (bams3core.jit) take these arrays writable, whatever the
+    caller's came from (a read-only buffer or not)."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.writeable else a.copy()
+
+
 def _prep(l_seq, pos, cigar, n_cigar):
-    i64 = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # noqa: E731
-    return i64(l_seq), i64(pos), np.ascontiguousarray(cigar, dtype=np.uint32), i64(n_cigar)
+    return (_writable(l_seq, np.int64), _writable(pos, np.int64), _writable(cigar, np.uint32),
+            _writable(n_cigar, np.int64))
 
 
 def encode_seq(nibbles: np.ndarray, l_seq, pos, cigar, n_cigar, cctx: zstandard.ZstdCompressor) -> bytes:
@@ -345,20 +354,17 @@ def decode_seq(frame: bytes, l_seq, pos, cigar, n_cigar, dctx: zstandard.ZstdDec
     if total != int((l_seq + (l_seq & 1)).sum()):
         raise ValueError("seq stream holds a different number of bases than the records")
     out = np.empty(total, np.uint8)
-    _decode_kernel(np.frombuffer(frame, dtype=np.uint8), p, l_seq, pos, cigar, n_cigar, lo, span, out)
+    _decode_kernel(np.frombuffer(frame, dtype=np.uint8), p, l_seq, pos, cigar, n_cigar, lo, span,
+                   *_work_arrays(l_seq, span), out)
     return out
 
 
 @njit(cache=True, nogil=True)
-def _consensus_kernel(nib, l_seq, pos, cigar, n_cig, lo, span, cons, votes):
-    """The consensus of §12.2 after every record of the block has voted (cons 255: none)."""
-    maxl = 1
-    for i in range(l_seq.shape[0]):
-        if l_seq[i] > maxl:
-            maxl = l_seq[i]
-    kpos = np.empty(maxl, np.int64)
+def _consensus_kernel(nib, l_seq, pos, cigar, n_cig, lo, span, cons, votes, kpos):
+    """The consensus of §12.2 after every record of the block has voted (cons 255: none);
+    ``kpos`` holds at least the longest read."""
     off = 0
-    c0 = 0
+    c0 = np.int64(0)
     for i in range(l_seq.shape[0]):
         L = l_seq[i]
         nc = n_cig[i]
@@ -393,8 +399,7 @@ def block_consensus(nibbles, l_seq, pos, cigar, n_cigar, max_span: int = MAX_SPA
     if span > max_span:
         return None
     lo = int(lo) if span else 0
-    cons = np.full(max(span, 1), 255, np.uint8)
-    votes = np.zeros(max(span, 1), np.uint8)
+    _f, _tot, cons, votes, kpos = _work_arrays(l_seq, span)
     _consensus_kernel(np.ascontiguousarray(nibbles, dtype=np.uint8), l_seq, pos, cigar, n_cigar, lo, span,
-                      cons, votes)
+                      cons, votes, kpos)
     return cons[:span], lo

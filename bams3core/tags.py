@@ -189,7 +189,7 @@ def _derived_nm(md_vals, md_rows, rows, cigar, cig_start, n_cig) -> np.ndarray:
 
         r = rows[ok]
         sub = np.empty(int(ok.sum()), dtype=np.int64)
-        nm_from_md_kernel(np.ascontiguousarray(md_vals, dtype=np.uint8), ms[idx[ok]], ml[idx[ok]],
+        nm_from_md_kernel(_writable(md_vals, np.uint8), ms[idx[ok]], ml[idx[ok]],
                           cigar, np.ascontiguousarray(cig_start[r]), np.ascontiguousarray(n_cig[r]), sub)
         out[ok] = sub
     return out
@@ -202,15 +202,23 @@ def _cigar_texts(cigar, cig_start, n_cig, recs) -> tuple[np.ndarray, np.ndarray]
     cs = np.ascontiguousarray(cig_start[recs], dtype=np.int64)
     nc = np.ascontiguousarray(n_cig[recs], dtype=np.int64)
     st = np.zeros(len(recs) + 1, dtype=np.int64)
-    total = cigar_text_kernel(cigar, cs, nc, _CIGAR_CHARS, np.empty(0, np.uint8), st)
+    digits = np.empty(12, np.uint8)
+    total = cigar_text_kernel(cigar, cs, nc, _CIGAR_CHARS, np.empty(0, np.uint8), st, digits)
     out = np.empty(total, np.uint8)
-    cigar_text_kernel(cigar, cs, nc, _CIGAR_CHARS, out, st)
+    cigar_text_kernel(cigar, cs, nc, _CIGAR_CHARS, out, st, digits)
     return out, st
 
 
+def _writable(a, dtype):
+    """``a`` contiguous and writable (copied only if it is not): the kernels' declared
+    signatures (bams3core.jit) take these arrays writable, wherever the caller's came from."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.writeable else a.copy()
+
+
 def _cigar_args(cigar, n_cigar):
-    cigar = np.ascontiguousarray(cigar, dtype=np.uint32)
-    n_cig = np.ascontiguousarray(n_cigar, dtype=np.int64)
+    cigar = _writable(cigar, np.uint32)
+    n_cig = _writable(n_cigar, np.int64)
     return cigar, n_cig, _cigar_starts(n_cig)
 
 
@@ -222,15 +230,16 @@ def _md_texts(md_ref, cigar, cig_start, n_cig, recs):
     l_seq = np.asarray(l_seq, dtype=np.int64)
     nst = np.zeros(len(l_seq), dtype=np.int64)
     np.cumsum((l_seq + (l_seq & 1))[:-1], out=nst[1:])
-    args = (np.ascontiguousarray(nib, dtype=np.uint8), np.ascontiguousarray(nst[recs]),
+    args = (_writable(nib, np.uint8), np.ascontiguousarray(nst[recs]),
             np.ascontiguousarray(l_seq[recs]), np.ascontiguousarray(np.asarray(pos, dtype=np.int64)[recs]),
             cigar, np.ascontiguousarray(cig_start[recs], dtype=np.int64),
             np.ascontiguousarray(n_cig[recs], dtype=np.int64), cons, int(lo), _MD_BASES)
     st = np.zeros(len(recs) + 1, dtype=np.int64)
     ok = np.zeros(len(recs), dtype=np.uint8)
-    total = md_predict_kernel(*args, np.empty(0, np.uint8), st, ok)
+    digits = np.empty(24, np.uint8)
+    total = md_predict_kernel(*args, np.empty(0, np.uint8), st, ok, digits)
     out = np.empty(total, np.uint8)
-    md_predict_kernel(*args, out, st, ok)
+    md_predict_kernel(*args, out, st, ok, digits)
     return out, st, ok.astype(bool)
 
 

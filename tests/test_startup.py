@@ -106,6 +106,55 @@ def test_local_query_imports_no_orchestration_or_s3(warmed):
         assert res["compiled"] == res["loaded"] == 0
 
 
+# A query's compiled signatures per kernel, numba's cache hits, and what the first block compiled where.
+PROBE_SIGS = """
+import json, os, sys
+from bams3 import cli, warmup
+sys.stdout = open(os.devnull, "w")
+rc = cli.main(sys.argv[1:])
+p = warmup._PARALLEL
+if p is not None and p.proc is not None:
+    p.proc.wait()
+sigs = {n: [str(s) for s in d.signatures] for n, d in warmup.loaded_dispatchers()}
+hits = {n: sum(d.stats.cache_hits.values()) for n, d in warmup.loaded_dispatchers()}
+json.dump(dict(rc=rc, sigs=sigs, hits=hits, last=p.last, helper_rc=p.proc.returncode if p.proc else None,
+               **warmup.cache_counts()), open(os.environ["PROBE_OUT"], "w"))
+"""
+
+
+def test_first_query_compiles_the_declared_signatures_on_two_cores(warmed, tmp_path):
+    """A fresh install's first query compiles each decoder kernel once, with the signature
+    bams3core.jit declares (so a helper process can compile it ahead, by signature), part of
+    them in that helper (loaded from the cache here); the next query compiles nothing."""
+    from bams3core.jit import declared_signatures
+
+    cache, out, ds = tmp_path / "numba", tmp_path / "out.json", str(warmed["ds"])
+    env = dict(_env(cache), PROBE_OUT=str(out))
+    sam = tmp_path / "q.sam"
+    r = subprocess.run([sys.executable, "-c", PROBE_SIGS, "query", "-o", str(sam), ds], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["rc"] == 0
+    assert sam.read_bytes() == pysam.samtools.view(str(warmed["sam"])).encode()
+    declared = {n: str(s) for n, s in declared_signatures().items()}
+    last = res["last"]
+    assert last["own"] and last["helper"], last  # both halves, on two cores
+    assert res["helper_rc"] == 0
+    for name in last["own"] + last["helper"]:
+        assert res["sigs"][name] == [declared[name]], (name, res["sigs"][name])
+    for name in last["helper"]:
+        assert res["hits"][name] == 1, name  # compiled by the helper, loaded from the cache here
+    # nothing else of the decoders was compiled twice, and the next query compiles nothing
+    assert all(len(v) <= 1 for v in res["sigs"].values()), res["sigs"]
+    r = subprocess.run([sys.executable, "-c", PROBE_SIGS, "query", "-o", str(sam), ds, "chrW1:1000-9000"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads(out.read_text())
+    assert again["compiled"] == 0 and again["loaded"] >= len(last["own"] + last["helper"])
+    assert again["last"] == {}  # everything was cached: no helper
+
+
 def test_numba_cache_falls_back_to_a_writable_dir(tmp_path, monkeypatch):
     """No writable place among numba's own (read-only install, no writable home): a per-user
     directory under TMPDIR, instead of numba refusing to define cached kernels."""

@@ -30,9 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, Sequence
 from urllib.parse import urlsplit
 
-import boto3
 import botocore.exceptions as bce
-from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from bams3core.cost import OBJECT_TAG, TAG_CHUNK, TAG_TMP, check_storage_class
@@ -142,8 +140,10 @@ def effective_part_size(size: int, part_size: int) -> int:
     return min(MAX_PART_SIZE, -(-need // MiB) * MiB)
 
 
-def s3_transfer_config(part_size: int = DEFAULT_PART_SIZE, concurrency: int = 8) -> TransferConfig:
+def s3_transfer_config(part_size: int = DEFAULT_PART_SIZE, concurrency: int = 8):
     """The s3transfer config for multipart uploads (threshold = chunk size = part size)."""
+    from boto3.s3.transfer import TransferConfig
+
     return TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
                           max_concurrency=max(1, concurrency), use_threads=True,
                           max_io_queue=max(100, 4 * concurrency))
@@ -377,7 +377,7 @@ class S3Store(Store):
         self._clock_offset = 0.0  # S3's clock minus ours, from the Date of the last response
         if self._session is None:
             try:
-                self._session = boto3.Session()
+                self._session = _Session()
             except Exception as e:  # ProfileNotFound, bad config file
                 raise translate_error(e, bucket=bucket) from None
 
@@ -909,7 +909,27 @@ class S3Store(Store):
         self._lock = threading.RLock()
         self._read_slots = threading.BoundedSemaphore(self.concurrency)
         if self._session is None:
-            self._session = boto3.Session()
+            self._session = _Session()
+
+
+class _Session:
+    """What S3Store uses of a ``boto3.Session`` (``client``, ``region_name``), on botocore's own
+    session: the same credential chain, configuration and endpoint resolution, without
+    importing boto3 (its resources and s3transfer: ~0.2 s more per process, which a 1 kb query
+    pays; a boto3.Session passed in is used as it is)."""
+
+    def __init__(self):
+        import botocore.session
+
+        self._s = botocore.session.Session()
+        self._s.get_scoped_config()  # a missing AWS_PROFILE fails here, as boto3.Session() does
+
+    @property
+    def region_name(self):
+        return self._s.get_config_variable("region")
+
+    def client(self, service: str, **kw):
+        return self._s.create_client(service, **kw)
 
 
 def _coalesce(ranges: list[tuple[int, int]], gap: int, max_len: int):
