@@ -119,7 +119,7 @@ class _RunBuffer:
 class ExternalSorter:
     """Sorts a record stream like `samtools sort`, spilling sorted runs to the store.
 
-    Memory: one run buffer of half of ``max_memory`` (records copied in as they arrive), its
+    Memory: one run buffer of two fifths of ``max_memory`` (records copied in as they arrive), its
     index, and the run's compressed frames while it is spilled (zstd level 1: about a third of
     the run); the merge reads ahead a sixteenth of ``max_memory`` in all (at least a frame a
     run: the fan-in keeps that within an eighth)."""
@@ -129,7 +129,7 @@ class ExternalSorter:
         self.wide = wide  # the records are wide (format v1.1 input)
         self.prefix = f"_tmp/{run_id}/"
         self.max_memory = max_memory
-        self.run_bytes = max(1 << 16, max_memory // 2)
+        self.run_bytes = max(1 << 16, max_memory * 2 // 5)
         self.frame_bytes = max(1 << 12, min(1 << 16, max_memory // 16))
         self.fan_in = max(2, max_memory // (8 * self.frame_bytes))  # read-ahead: a frame a run at least
         self.runs: list[str] = []
