@@ -119,16 +119,17 @@ class _RunBuffer:
 class ExternalSorter:
     """Sorts a record stream like `samtools sort`, spilling sorted runs to the store.
 
-    Memory: one run buffer of half of ``max_memory`` (records copied in as they arrive), its
+    Memory: one run buffer of two fifths of ``max_memory`` (records copied in as they arrive), its
     index, and the run's compressed frames while it is spilled (zstd level 1: about a third of
-    the run); the merge reads ahead an eighth of ``max_memory`` in all."""
+    the run); the merge reads ahead a sixteenth of ``max_memory`` in all (at least a frame a
+    run: the fan-in keeps that within an eighth)."""
 
     def __init__(self, store: Store, run_id: str, max_memory: int, wide: bool = False):
         self.store = store
         self.wide = wide  # the records are wide (format v1.1 input)
         self.prefix = f"_tmp/{run_id}/"
         self.max_memory = max_memory
-        self.run_bytes = max(1 << 16, max_memory // 2)
+        self.run_bytes = max(1 << 16, max_memory * 2 // 5)
         self.frame_bytes = max(1 << 12, min(1 << 16, max_memory // 16))
         self.fan_in = max(2, max_memory // (8 * self.frame_bytes))  # read-ahead: a frame a run at least
         self.runs: list[str] = []
@@ -210,8 +211,8 @@ class ExternalSorter:
             yield buf[0] if len(buf) == 1 else RecordBatch.concat(buf)
 
     def _merge(self, keys: list) -> Iterator[RecordBatch]:
-        # each run's read-ahead gets an equal share of an eighth of the memory budget
-        group = max(1, (self.max_memory // 8) // (max(1, len(keys)) * self.frame_bytes))
+        # each run's read-ahead gets an equal share of a sixteenth of the memory budget
+        group = max(1, (self.max_memory // 16) // (max(1, len(keys)) * self.frame_bytes))
         return merge_sorted([self._read_run(k, group) for k in keys])
 
     def sort(self, batches: Iterator[RecordBatch]) -> Iterator[RecordBatch]:
