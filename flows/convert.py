@@ -85,6 +85,17 @@ class Progress:
         update_progress_artifact(self.id, 100.0)
 
 
+def _failed(future) -> bool:
+    """Whether a finished shard's task failed, from its own final state. ``wait(timeout=)``
+    returns futures whose final state is not yet set; their ``state`` is then read from the API,
+    which may still say Running — taken for a failure, that once stopped the remaining shards
+    from being submitted (and the count check refused the commit). ``wait()`` on a finished
+    future sets the final state from the task's result."""
+    future.wait()
+    st = future.state
+    return st.is_failed() or st.is_crashed() or st.is_cancelled()
+
+
 def prefect_stages(verify_mode: str, progress: Progress | None, spec: dict) -> dict:
     """``run_conversion`` keyword arguments that run the stages as Prefect tasks (``spec``:
     the destination store as plain values, for ``verify_shard``)."""
@@ -105,11 +116,14 @@ def prefect_stages(verify_mode: str, progress: Progress | None, spec: dict) -> d
             running = [f for f in running if f in not_done]
             if progress is not None:
                 progress.poll(len(done))
-            if any(not f.state.is_completed() for f in done):  # final states: no API call
+            if any(_failed(f) for f in done):
                 pending = []  # a failed shard fails the run: start no more
             if not not_done and not pending:
                 break
-        return [f.result() for f in futures]  # raises the first failure (every shard has ended)
+        results = [f.result() for f in futures]  # raises the first failure (every shard has ended)
+        if len(results) != len(jobs):  # never commit without every shard
+            raise DatasetError(f"internal error: {len(jobs) - len(results)} shard(s) were not run")
+        return results
 
     def verify(store, results):
         if verify_mode == "upload":

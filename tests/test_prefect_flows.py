@@ -695,3 +695,26 @@ def test_convert_to_s3_on_ray(prefect_harness, s3_env, sample_bam, tmp_path):
                                                               r.state_type.value == "COMPLETED" for r in rs) == 4)
     assert sorted(r.name for r in runs if r.name.startswith("shard-")) == [f"shard-{i:04d}" for i in range(4)]
     assert cli("verify", uri) == 0
+
+
+def test_shard_failure_is_read_from_the_final_state_not_the_api():
+    """A shard future that prefect.futures.wait(timeout=) reports done may not have its final
+    state set yet; its ``state`` then comes from the API and may still say Running. That must
+    not count as a failure (it once stopped the remaining shards: the commit was refused)."""
+    from prefect.states import Completed, Failed, Running
+
+    from flows.convert import _failed
+
+    class Finished:
+        def __init__(self, final):
+            self.final, self.waited = final, False
+
+        def wait(self, timeout=None):
+            self.waited = True
+
+        @property
+        def state(self):
+            return self.final if self.waited else Running()  # the API's lagging view
+
+    assert _failed(Finished(Completed())) is False
+    assert _failed(Finished(Failed())) is True
