@@ -33,6 +33,9 @@ from .store import Store, parse_uri
 
 READ_AHEAD = 8 << 20  # bytes per ranged GET
 TAIL_READ = 256 << 10  # bytes per GET past the reader's hint_end
+#: compressed bytes a BgzfReader asks an S3 file for at a time: one BGZF block at most, so it
+#: never reads (and fetches) past the blocks it needs
+BGZF_READ = 64 << 10
 HEADER_READ = 256 << 10  # bytes per GET while the plan reads the header
 
 
@@ -235,7 +238,7 @@ def read_header(f, name: str) -> tuple[BamHeader, int] | None:
     """The BAM header at the start of the BGZF file ``f`` and the virtual offset of the first
     record (htslib's: the next block's start when the header ends a block); None if ``f`` is
     not BGZF-compressed BAM."""
-    bg = BgzfReader(f, threads=1, group=1, name=name)
+    bg = BgzfReader(f, threads=1, group=1, name=name, read_bytes=BGZF_READ)
     try:
         buf = b""
         addr = 0

@@ -706,7 +706,12 @@ def range_batches(job: ShardJob, header: BamHeader, opener: Callable[[dict], Sto
     f.seek(job.voffset >> 16)
     # from S3, what is read past the range's end is fetched for nothing: smaller batches there
     from_s3 = job.source.startswith("s3://")
-    bg = BgzfReader(f, threads=job.threads, name=job.source, **({"group": S3_INFLATE_GROUP, "read_bytes": 64 << 10} if from_s3 else {}))
+    if from_s3:
+        from .s3source import BGZF_READ
+
+        bg = BgzfReader(f, threads=job.threads, name=job.source, group=S3_INFLATE_GROUP, read_bytes=BGZF_READ)
+    else:
+        bg = BgzfReader(f, threads=job.threads, name=job.source)
     chunks = bg.chunks()
     skip = job.voffset & 0xFFFF
 
