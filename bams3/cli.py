@@ -90,12 +90,24 @@ def cmd_convert(args, argv) -> int:
         from .cluster import parse_dask
 
         parse_dask(args.dask)  # a bad value is refused before anything is written
+    # the shards of an indexed BAM run on --threads worker processes (bams3.shardpool); their
+    # forkserver starts now, and loads what they need while this process plans
+    processes = 1 if args.dask or args.input == "-" else max(1, args.threads)
+    if processes > 1 and args.shards != 1 and _may_be_sharded(args.input):
+        from .shardpool import prestart
+
+        prestart()
     opts = ConvertOptions(reference=args.reference, threads=args.threads, max_memory=args.max_memory,
                           block_bytes=args.block_size, chunk_bytes=args.chunk_size, overwrite=args.overwrite,
                           keep_snapshots=args.keep_snapshots, keep_days=args.keep_days,
                           upload_concurrency=args.s3_concurrency, shards=args.shards, resume=args.resume,
-                          progress=None if args.quiet else stderr_progress)
+                          processes=processes, progress=None if args.quiet else stderr_progress)
     with _open_store(args.dest, args, write=True) as store:
+        spec = None
+        if processes > 1:  # the workers open DEST with the same options
+            from .stages import store_spec
+
+            spec = store_spec(args.dest, **_store_options(args, write=True))
         if args.dask:
             from .cluster import DaskShards
             from .stages import store_spec
@@ -109,7 +121,7 @@ def cmd_convert(args, argv) -> int:
             finally:
                 runner.close()
         else:
-            res = convert(args.input, store, opts)
+            res = convert(args.input, store, opts, spec=spec)
     if res.resumed and not args.quiet:
         print(f"bams3: resumed a previous run: {res.reused_chunks} chunks reused, "
               f"{res.encoded_records} of {res.records} records encoded", file=sys.stderr)
@@ -120,6 +132,13 @@ def cmd_convert(args, argv) -> int:
               f"({res.records / max(res.seconds, 1e-9):.0f} records/s; {len(m.chunks)} chunks, "
               f"{size / 1e6:.2f} MB)", file=sys.stderr)
     return 0
+
+
+def _may_be_sharded(path: str) -> bool:
+    """An input the plan may cut into shards: an S3 object, or a file with an index next to it."""
+    from .stages import find_index
+
+    return path.startswith("s3://") or (os.path.isfile(path) and find_index(path) is not None)
 
 
 def _open_dataset(args):

@@ -1,10 +1,11 @@
 """The conversion: plan -> shards (input -> (sort) -> blocks -> encode -> chunks -> upload)
 -> verify -> commit. The stages are in :mod:`bams3.stages`; :func:`run_conversion` drives them.
 
-This is the one implementation used by ``bams3 convert`` (shards one after the other, or on
-a Dask cluster with ``--dask``) and by the Prefect flow ``convert-to-s3`` (shards as tasks on
-any task runner). Memory per shard is bounded by ``max_memory`` (sort runs) plus a few
-blocks per thread and a few chunks in flight.
+This is the one implementation used by ``bams3 convert`` (the shards of an indexed BAM on
+``--threads`` worker processes (:mod:`bams3.shardpool`), anything else as one stream in this
+process, or the shards on a Dask cluster with ``--dask``) and by the Prefect flow
+``convert-to-s3`` (shards as tasks on any task runner). Memory per shard is bounded by its
+share of ``max_memory`` (sort runs) plus a few blocks per thread and a few chunks in flight.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ DEFAULT_MAX_MEMORY = 768 << 20
 class ConvertOptions:
     reference: str | None = None
     threads: int = 2
+    processes: int = 1  # worker processes for the shards of an indexed BAM (1: in this process); they share threads and max_memory
     max_memory: int = DEFAULT_MAX_MEMORY
     block_bytes: int = DEFAULT_BLOCK_BYTES
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -258,6 +260,19 @@ def _job_fields(opts: ConvertOptions, ledger: bool, source_store: dict | None = 
                 upload_concurrency=opts.upload_concurrency, ledger=ledger, resume=True)
 
 
+def default_runner(jobs: list, *, store: Store, inp: AlignmentInput | None, opts: ConvertOptions) -> list:
+    """Two or more key-range shards and ``opts.processes`` > 1: on that many worker processes
+    (at most one per shard; each with its share of the threads and of ``max_memory``);
+    otherwise :func:`local_runner`."""
+    from . import shardpool
+
+    n = min(opts.processes, len(jobs))
+    if not shardpool.worth_it(jobs, n, inp):
+        return local_runner(jobs, store=store, inp=inp, opts=opts)
+    with shardpool.ShardPool(n, progress=opts.progress is not None) as pool:
+        return pool.run(shardpool.share(jobs, n), progress=opts.progress)
+
+
 def local_runner(jobs: list, *, store: Store, inp: AlignmentInput | None, opts: ConvertOptions) -> list:
     """Run the shards one after the other in this process (each on ``threads`` threads)."""
     from .stages import run_shard
@@ -287,7 +302,10 @@ def run_conversion(source: str, store: Store, opts: ConvertOptions, *, inp: Alig
     ``inp``: an open input (standard input, an S3 stream): one stream shard, run here.
     ``spec``: the store as plain values for workers elsewhere (:func:`bams3.stages.store_spec`).
     ``runner(jobs, store=, inp=, opts=)`` runs the shards and returns their results (default
-    :func:`local_runner`); ``verify(store, results)`` checks what they uploaded before the
+    :func:`default_runner`: worker processes if ``opts.processes`` > 1 and the store can be
+    opened from ``spec`` — a local directory, or any store when ``spec`` is given — else
+    :func:`local_runner`); ``workers``: the plan makes at least two shards per worker
+    (default ``opts.processes`` for the default runner); ``verify(store, results)`` checks what they uploaded before the
     commit; ``commit(writer, results)`` commits (default ``writer.commit_shards``).
     ``planner`` replaces :func:`bams3.stages.plan` (the flow's ``plan`` task); ``on_plan(plan,
     writer)`` is called once the run is prepared (the flow's progress); ``source_store``: the
@@ -296,6 +314,13 @@ def run_conversion(source: str, store: Store, opts: ConvertOptions, *, inp: Alig
 
     t0 = time.time()
     job = _job_fields(opts, ledger=True, source_store=source_store)
+    if runner is None:
+        # workers elsewhere open the store from ``spec``: an S3 store's options (storage class,
+        # encryption...) are only known to a caller that gives it
+        procs = opts.processes if (spec is not None or not store.uri.startswith("s3://")) else 1
+        runner = default_runner if procs > 1 else local_runner
+        opts = dataclasses.replace(opts, processes=procs)
+        workers = workers or (procs if procs > 1 else None)
     spec = spec or stages.store_spec(store.uri)
     if inp is not None:
         p = stages.Plan(source=source, identity=None, header_text=None, references=[],
@@ -323,7 +348,7 @@ def run_conversion(source: str, store: Store, opts: ConvertOptions, *, inp: Alig
             stages.write_resume_record(store, run_id, key, p)
         if on_plan:
             on_plan(p, writer)
-        results = (runner or local_runner)(p.jobs, store=store, inp=inp, opts=opts)
+        results = runner(p.jobs, store=store, inp=inp, opts=opts)
         results = sorted(results, key=lambda r: r.number)
         n = sum(r.n_records for r in results)
         if p.index_records is not None and n != p.index_records:
