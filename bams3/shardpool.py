@@ -16,8 +16,9 @@ of the memory budget (:func:`share`).
   commits nothing.
 * Workers end with the caller: Ctrl-C (they ignore SIGINT; the caller stops them), SIGTERM of
   the caller (turned into KeyboardInterrupt while the pool runs, so the run is aborted or
-  suspended as after Ctrl-C), and a caller killed outright (its forkserver exits, and each
-  worker has asked the kernel for SIGKILL when its parent, the forkserver, goes).
+  suspended as after Ctrl-C), and a caller killed outright (each worker watches the caller's
+  end of a pipe, and the forkserver exits with the caller, which the kernel turns into
+  SIGKILL for its workers: see :func:`_end_with_the_caller`).
 """
 
 from __future__ import annotations
@@ -75,22 +76,45 @@ def share(jobs: list, processes: int) -> list:
 _progress_queue = None
 
 
-def _init_worker(parent_pid: int, progress_queue) -> None:
+def _init_worker(progress_queue) -> None:
     global _progress_queue
     _progress_queue = progress_queue
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the caller decides
-    try:  # die with the forkserver (which exits when the caller does)
+    _end_with_the_caller()
+
+
+def _end_with_the_caller() -> None:
+    """Make this worker end when the process that started the pool does, however it ends.
+
+    * The forkserver exits once no process holds its "alive" pipe: a worker inherits one end
+      and lets it go here, so the forkserver goes with the caller; the kernel then sends this
+      worker SIGKILL (PR_SET_PDEATHSIG), which ends it even if it is stopped or busy.
+    * A thread waits on the caller's sentinel (a pipe whose other end only the caller holds)
+      and kills this process when it closes."""
+    import multiprocessing
+    from multiprocessing import connection, forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:  # (a worker starts no process of its own)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None
+    try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         pass
-    try:
-        os.kill(parent_pid, 0)
-    except ProcessLookupError:  # the caller is already gone
-        os._exit(1)
-    except PermissionError:
-        pass
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        def watch() -> None:
+            connection.wait([parent.sentinel])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=watch, name="caller-watch", daemon=True).start()
 
 
 def _report(number: int, info: dict) -> None:
@@ -126,7 +150,7 @@ class ShardPool:
         self.processes = max(1, processes)
         self._queue = ctx.Queue() if progress else None
         self._pool = ProcessPoolExecutor(self.processes, mp_context=ctx, initializer=_init_worker,
-                                         initargs=(os.getpid(), self._queue))
+                                         initargs=(self._queue,))
 
     def __enter__(self) -> "ShardPool":
         return self

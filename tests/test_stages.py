@@ -86,11 +86,29 @@ def test_split_covers_every_key_once(bams, which):
 
 
 # -- sharded == one shard == samtools ------------------------------------------------------------
-@pytest.mark.parametrize("which,shards", [("bam", 5), ("csi", 3)])
-def test_sharded_equals_one_shard_and_samtools(bams, tmp_path, capsys, which, shards):
+def spy_pools(monkeypatch) -> list:
+    """The ShardPools this process starts (their process counts), as they start."""
+    from bams3 import shardpool
+
+    seen = []
+    real = shardpool.ShardPool.__init__
+
+    def init(self, processes, **kw):
+        seen.append(processes)
+        real(self, processes, **kw)
+
+    monkeypatch.setattr(shardpool.ShardPool, "__init__", init)
+    return seen
+
+
+@pytest.mark.parametrize("which,shards,processes", [("bam", 5, 1), ("csi", 3, 1), ("bam", 4, 2), ("csi", 7, 3)])
+def test_sharded_equals_one_shard_and_samtools(bams, tmp_path, capsys, monkeypatch, which, shards, processes):
     src = bams[which]
-    one = convert_local(src, tmp_path / "one", shards=1)
-    many = convert_local(src, tmp_path / "many", shards=shards)
+    pools = spy_pools(monkeypatch)
+    one = convert_local(src, tmp_path / "one", shards=1, processes=processes)
+    assert pools == []  # one stream shard: in this process
+    many = convert_local(src, tmp_path / "many", shards=shards, processes=processes)
+    assert pools == ([] if processes == 1 else [processes])  # the shards ran on worker processes
     assert one.shards == 1 and many.shards == shards + 1
     assert many.records == one.records == int(pysam.samtools.view("-c", src))
     want = samtools_view(src)
@@ -251,8 +269,11 @@ def test_layout_knows_the_ledger():
 
 
 def test_cli_resume_flag(bams, tmp_path, capsys, monkeypatch):
+    # -@ 1: the shards run in this process, where the failure is injected (tests/test_shardpool.py
+    # resumes a run whose worker processes were killed)
     fail_after(monkeypatch, 3)
-    assert cli("convert", "--resume", "--shards", "2", "--chunk-size", "24K", bams["bam"], tmp_path / "ds") != 0
+    assert cli("convert", "-@", "1", "--resume", "--shards", "2", "--chunk-size", "24K", bams["bam"],
+               tmp_path / "ds") != 0
     assert "InternalError" in capsys.readouterr().err
     monkeypatch.undo()
     assert cli("convert", "--resume", "--shards", "2", "--chunk-size", "24K", bams["bam"], tmp_path / "ds") == 0
