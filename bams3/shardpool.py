@@ -76,9 +76,14 @@ def share(jobs: list, processes: int) -> list:
 _progress_queue = None
 
 
-def _init_worker(progress_queue) -> None:
+def _init_worker(progress_queue, env: dict, cwd: str) -> None:
     global _progress_queue
     _progress_queue = progress_queue
+    # the caller's environment (S3 endpoint, credentials...) and working directory (relative
+    # paths) as they are now, not as they were when the forkserver started
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the caller decides
     _end_with_the_caller()
 
@@ -150,7 +155,7 @@ class ShardPool:
         self.processes = max(1, processes)
         self._queue = ctx.Queue() if progress else None
         self._pool = ProcessPoolExecutor(self.processes, mp_context=ctx, initializer=_init_worker,
-                                         initargs=(self._queue,))
+                                         initargs=(self._queue, dict(os.environ), os.getcwd()))
 
     def __enter__(self) -> "ShardPool":
         return self

@@ -37,8 +37,8 @@ from prefect.utilities.annotations import quote
 
 from bams3.convert import ConvertOptions, ConvertResult, run_conversion
 from bams3.dataset import DatasetWriter
-from bams3.errors import InputError
-from bams3 import stages
+from bams3.errors import DatasetError, InputError
+from bams3 import shardpool, stages
 from bams3.stages import Plan, store_spec
 from bams3.store import parse_uri
 from bams3core.planner import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK_BYTES
@@ -96,9 +96,10 @@ def _failed(future) -> bool:
     return st.is_failed() or st.is_crashed() or st.is_cancelled()
 
 
-def prefect_stages(verify_mode: str, progress: Progress | None, spec: dict) -> dict:
+def prefect_stages(verify_mode: str, progress: Progress | None, spec: dict, processes: int = 1) -> dict:
     """``run_conversion`` keyword arguments that run the stages as Prefect tasks (``spec``:
-    the destination store as plain values, for ``verify_shard``)."""
+    the destination store as plain values, for ``verify_shard``; ``processes`` > 1: the
+    ``shard`` tasks hand key-range shards to that many worker processes of this flow run)."""
 
     def planner(source, **kw):
         return steps.plan(source, **kw)
@@ -106,21 +107,33 @@ def prefect_stages(verify_mode: str, progress: Progress | None, spec: dict) -> d
     def runner(jobs, *, store, inp, opts):
         if inp is not None:
             raise InputError("a flow reads its source itself: pass a file path or an s3:// URI")
-        limit = _shards_at_once(opts.threads)
-        pending, futures, running = list(jobs), [], []
-        while True:
-            while pending and len(running) < limit:
-                running.append(steps.shard.submit(pending.pop(0)))
-                futures.append(running[-1])
-            done, not_done = wait(futures, timeout=PROGRESS_EVERY)
-            running = [f for f in running if f in not_done]
-            if progress is not None:
-                progress.poll(len(done))
-            if any(_failed(f) for f in done):
-                pending = []  # a failed shard fails the run: start no more
-            if not not_done and not pending:
-                break
-        results = [f.result() for f in futures]  # raises the first failure (every shard has ended)
+        pool = _process_pool(jobs, processes)
+        if pool is None:
+            limit = _shards_at_once(opts.threads)
+        else:  # the shard tasks hand their jobs to this flow run's worker processes
+            jobs, limit = shardpool.share(jobs, pool.processes), pool.processes
+            shardpool.serve(jobs[0].run_id, pool)
+        ok = False
+        try:
+            pending, futures, running = list(jobs), [], []
+            while True:
+                while pending and len(running) < limit:
+                    running.append(steps.shard.submit(pending.pop(0)))
+                    futures.append(running[-1])
+                done, not_done = wait(futures, timeout=PROGRESS_EVERY)
+                running = [f for f in running if f in not_done]
+                if progress is not None:
+                    progress.poll(len(done))
+                if any(_failed(f) for f in done):
+                    pending = []  # a failed shard fails the run: start no more
+                if not not_done and not pending:
+                    break
+            results = [f.result() for f in futures]  # raises the first failure (every shard has ended)
+            ok = True
+        finally:
+            if pool is not None:
+                shardpool.unserve(jobs[0].run_id)
+                pool.close(stop=not ok)
         if len(results) != len(jobs):  # never commit without every shard
             raise DatasetError(f"internal error: {len(jobs) - len(results)} shard(s) were not run")
         return results
@@ -204,17 +217,24 @@ def convert_to_s3(
         if not obj:
             raise InputError(f"{source}: expected s3://bucket/path/to/file.bam")
         source_store = store_spec(f"s3://{bucket}", region=region, aws_credentials_block=aws_credentials_block)
+    processes = _processes(threads, spec, source_store)
+    if processes > 1 and shards != 1 and _may_be_sharded(source):
+        shardpool.prestart()  # the workers' forkserver loads what they need while the plan runs
     key = artifact_key("convert", destination)
     t0 = time.time()
     input_bytes = _input_bytes(source, aws)
     with open_target(destination, aws, **store_opts) as store:
         log.info("converting %s -> %s", source, store.uri)
         progress = Progress(key + "-progress", source)
-        stages = prefect_stages(verify_mode, progress, spec)
+        stages = prefect_stages(verify_mode, progress, spec, processes)
         res = run_conversion(source, store, opts, spec=spec, source_store=source_store, on_plan=progress.start,
-                             workers=_runner_workers(), **stages)
+                             workers=_runner_workers(processes), **stages)
         progress.finish()
     return _publish(res, source, destination, input_bytes, time.time() - t0, key)
+
+
+def _may_be_sharded(source: str) -> bool:
+    return is_s3(source) or (os.path.isfile(source) and stages.find_index(source) is not None)
 
 
 def _input_bytes(source: str, aws: dict) -> int | None:
@@ -247,9 +267,37 @@ def _shards_at_once(threads: int) -> int:
     return max(1, min(MAX_WORKERS, cores // max(1, threads)))
 
 
-def _runner_workers() -> int | None:
-    """Workers of the flow's task runner if it is a Dask cluster (the plan makes at least two
-    shards per worker), else None (shards by input size)."""
+def _on_thread_pool() -> bool:
+    """Whether this flow run's task runner is its own thread pool (not Dask, Ray...)."""
+    try:
+        from prefect.context import FlowRunContext
+
+        return isinstance(FlowRunContext.get().task_runner, ThreadPoolTaskRunner)
+    except Exception:  # noqa: BLE001 - no context: run the tasks as they come
+        return False
+
+
+def _processes(threads: int, spec: dict, source_store: dict | None) -> int:
+    """Worker processes for the shards on the flow's own thread pool: ``threads`` (each with
+    one thread), as ``bams3 convert`` does. 1 (shards in the task threads) on another task
+    runner, or when the stores name an ``AwsCredentials`` block (a worker process could not
+    load it: it has no Prefect context)."""
+    if not _on_thread_pool():
+        return 1
+    if any((s or {}).get("options", {}).get("aws_credentials_block") for s in (spec, source_store)):
+        return 1
+    return max(1, threads)
+
+
+def _process_pool(jobs: list, processes: int):
+    """A ShardPool of up to ``processes`` workers if ``jobs`` are worth it, else None."""
+    n = min(processes, len(jobs))
+    return shardpool.ShardPool(n) if shardpool.worth_it(jobs, n) else None
+
+
+def _runner_workers(processes: int) -> int | None:
+    """Workers the shards run on at once: a Dask cluster's workers, else the flow's worker
+    processes (the plan makes at least two shards per worker); None: shards by input size."""
     try:
         from prefect.context import FlowRunContext
 
@@ -259,7 +307,7 @@ def _runner_workers() -> int | None:
             return max(1, len(client.scheduler_info().get("workers", {})))
     except Exception:  # noqa: BLE001 - a hint only
         pass
-    return None
+    return processes if processes > 1 else None
 
 
 def _publish(res: ConvertResult, source: str, destination: str, input_bytes: int | None, seconds: float,

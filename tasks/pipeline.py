@@ -27,7 +27,7 @@ from dataclasses import asdict
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from bams3 import stages
+from bams3 import shardpool, stages
 from bams3.dataset import Dataset, DatasetWriter
 from bams3.errors import DatasetError, NotFound, PreconditionFailed
 from bams3.store import Store, open_store
@@ -97,11 +97,17 @@ def plan(source: str, job: dict, store: dict, run_id: str, shards: int | None = 
 
 @task(name="shard", tags=[TAG_ENCODE, TAG_UPLOAD], task_run_name=_shard_run_name, **retry_options(), **_NO_CACHE)
 def shard(job: stages.ShardJob) -> stages.ShardResult:
-    """Encode and upload one shard (:func:`bams3.stages.run_shard`). A retry after a transient
-    error reuses the chunks the failed attempt uploaded (the ledger) and encodes the rest."""
-    res = stages.run_shard(job, opener=open_spec)
-    get_run_logger().info("shard %d: %d records in %d chunks (%d reused) in %.1f s", job.number, res.n_records,
-                          len(res.chunks), res.reused_chunks, res.seconds)
+    """Encode and upload one shard (:func:`bams3.stages.run_shard`): on a worker process of the
+    flow run if it has some here (:mod:`bams3.shardpool`; the flow's own thread pool), else
+    right here (a Dask or Ray worker). A retry after a transient error reuses the chunks the
+    failed attempt uploaded (the ledger) and encodes the rest."""
+    pool = shardpool.serving(job.run_id)
+    if pool is not None:
+        res, where = pool.result(pool.submit(job), f"shard {job.number}"), "a worker process"
+    else:
+        res, where = stages.run_shard(job, opener=open_spec), "the task's thread"
+    get_run_logger().info("shard %d: %d records in %d chunks (%d reused) in %.1f s on %s", job.number,
+                          res.n_records, len(res.chunks), res.reused_chunks, res.seconds, where)
     return res
 
 

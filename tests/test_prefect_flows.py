@@ -668,6 +668,33 @@ def test_convert_to_s3_on_a_dask_cluster(prefect_harness, s3_env, sample_bam, da
     assert cli("verify", uri) == 0
 
 
+def test_convert_to_s3_shards_on_worker_processes(prefect_harness, s3_env, sample_bam, tmp_path):
+    """On the flow's own thread pool, the shard tasks hand their jobs to ``threads`` worker
+    processes of the flow run, as `bams3 convert` does; the dataset is the CLI's, chunk for
+    chunk. With threads=1 (or a credentials block, or Dask/Ray) they run in the task's thread."""
+    import pysam
+
+    from bams3 import shardpool
+    from flows import convert_to_s3
+
+    uri, cli_uri = s3_env.uri("procs"), s3_env.uri("procs-cli")
+    assert cli("convert", "-q", "--chunk-size", CHUNK, "--shards", "3", sample_bam, cli_uri) == 0
+    state = convert_to_s3(source=sample_bam, destination=uri, chunk_size=CHUNK, shards=3, return_state=True)
+    assert state.is_completed(), state
+    logs = run_logs(flow_run_id(state))
+    assert logs.count("on a worker process") == 4 and "on the task's thread" not in logs, logs
+    a, b = manifest_of(cli_uri), manifest_of(uri)
+    assert [c.sha256 for c in a.chunks] == [c.sha256 for c in b.chunks]
+    assert query_text(uri, tmp_path).decode() == pysam.samtools.view(sample_bam)
+    assert shardpool._serving == {}  # the pool went with the run
+    state = convert_to_s3(source=sample_bam, destination=s3_env.uri("procs-1"), chunk_size=CHUNK, shards=3,
+                          threads=1, return_state=True)
+    assert state.is_completed(), state
+    logs = run_logs(flow_run_id(state))
+    assert logs.count("on the task's thread") == 4 and "on a worker process" not in logs, logs
+    assert [c.sha256 for c in manifest_of(s3_env.uri("procs-1")).chunks] == [c.sha256 for c in a.chunks]
+
+
 def test_convert_to_s3_on_ray(prefect_harness, s3_env, sample_bam, tmp_path):
     """The same flow on prefect-ray's RayTaskRunner (a local Ray instance of 2 CPUs, started and
     stopped by the task runner): its shard tasks run in Ray worker processes, and the dataset is
