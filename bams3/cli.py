@@ -603,9 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="BAM/SAM/CRAM file, or - for standard input")
     p.add_argument("dest", help="local directory or s3://bucket/prefix")
     p.add_argument("-T", "--reference", help="reference FASTA (CRAM input)")
-    p.add_argument("-@", "--threads", type=int, default=2, help="worker threads (default 2)")
+    p.add_argument("-@", "--threads", type=int, default=2,
+                   help="CPUs to use (default 2): the shards of an indexed, coordinate-sorted BAM run on this many "
+                        "worker processes, one thread each; other input is one stream on this many threads")
     p.add_argument("-m", "--max-memory", type=_size, default="768M",
-                   help="memory for sorting unsorted input before spilling runs (default 768M)")
+                   help="memory for sorting unsorted input before spilling runs, shared by the worker processes "
+                        "(default 768M)")
     p.add_argument("--block-size", type=_size, default=DEFAULT_BLOCK_BYTES,
                    help=f"raw bytes of records per block, the unit of decoding (default {DEFAULT_BLOCK_BYTES // 1024}K)")
     p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_BYTES,
@@ -619,15 +622,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=_positive, metavar="N",
                    help="split a coordinate-sorted BAM with a .bai/.csi (a file, or s3://bucket/key.bam with the index "
                         "next to it) into N key ranges converted independently "
-                        "(default: one per 64 MB of input, at least two per --dask worker; 1: one stream; other "
+                        "(default: one per 64 MB of input, at least two per worker process or --dask worker; "
+                        "1: one stream; other "
                         "input is always one stream)")
     p.add_argument("--resume", action="store_true",
                    help="take over a failed or killed conversion of the same file (same size and mtime; on S3 size and ETag) with the "
                         "same options into DEST, reusing the chunks it uploaded; a failure (not bad input) keeps "
                         "this run's chunks for the next --resume")
     p.add_argument("--dask", metavar="WHERE",
-                   help="run the shards on Dask: local:N (a local cluster of N one-thread workers) or a scheduler "
-                        "address (tcp://host:8786; workers must read INPUT and reach DEST)")
+                   help="run the shards on Dask instead of worker processes: local:N (a local cluster of N "
+                        "one-thread workers) or a scheduler address (tcp://host:8786; workers must read INPUT and "
+                        "reach DEST); -@ is then each shard's threads")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     _add_store_options(p, write=True)
     p.set_defaults(func=cmd_convert)

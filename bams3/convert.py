@@ -37,7 +37,8 @@ DEFAULT_MAX_MEMORY = 768 << 20
 class ConvertOptions:
     reference: str | None = None
     threads: int = 2
-    processes: int = 1  # worker processes for the shards of an indexed BAM (1: in this process); they share threads and max_memory
+    processes: int = 1  # worker processes for the shards of an indexed BAM (1: in this process); they share
+    # threads and max_memory (bams3.shardpool); `bams3 convert` sets it to --threads
     max_memory: int = DEFAULT_MAX_MEMORY
     block_bytes: int = DEFAULT_BLOCK_BYTES
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -305,8 +306,9 @@ def run_conversion(source: str, store: Store, opts: ConvertOptions, *, inp: Alig
     :func:`default_runner`: worker processes if ``opts.processes`` > 1 and the store can be
     opened from ``spec`` — a local directory, or any store when ``spec`` is given — else
     :func:`local_runner`); ``workers``: the plan makes at least two shards per worker
-    (default ``opts.processes`` for the default runner); ``verify(store, results)`` checks what they uploaded before the
-    commit; ``commit(writer, results)`` commits (default ``writer.commit_shards``).
+    (default ``opts.processes`` for the default runner); ``verify(store, results)`` checks
+    what they uploaded before the commit; ``commit(writer, results)`` commits (default
+    ``writer.commit_shards``).
     ``planner`` replaces :func:`bams3.stages.plan` (the flow's ``plan`` task); ``on_plan(plan,
     writer)`` is called once the run is prepared (the flow's progress); ``source_store``: the
     store spec of an ``s3://`` source's bucket."""

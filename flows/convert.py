@@ -11,8 +11,10 @@ relies on what each upload proved and adds no task run.)
 ``plan`` cuts a coordinate-sorted BAM with a .bai/.csi (local or next to an
 ``s3://`` object) into key ranges balanced by compressed
 bytes (anything else is one stream shard); each ``shard`` task opens the input and the store
-itself, so the shards run wherever the task runner puts them: the default thread pool, a
-Dask cluster (``convert_to_s3.with_options(task_runner=DaskTaskRunner(...))``), Ray. Nothing
+itself, so the shards run wherever the task runner puts them: the default thread pool (where
+the task hands a key-range shard to one of ``threads`` worker processes of the flow run, as
+``bams3 convert`` does: :mod:`bams3.shardpool`), a Dask cluster
+(``convert_to_s3.with_options(task_runner=DaskTaskRunner(...))``), Ray. Nothing
 is committed unless every chunk passed the check ``verify_mode`` chooses (by default what the
 upload itself proved; ``read`` reads every chunk back). With ``resume`` (the default) a failed run
 keeps its chunks and a rerun with the same source and options reuses them.
@@ -190,8 +192,10 @@ def convert_to_s3(
     ``AwsCredentials`` block (default: boto3's standard credential chain).
     ``verify_mode``: how the chunks are checked before the commit: ``upload`` (what each
     upload proved: S3 verified its CRC32; chunks reused from a killed run by HEAD), ``head``
-    (a HEAD per chunk: size and ETag) or ``read`` (every chunk read back: size and SHA-256). ``shards``: key ranges of an indexed,
-    coordinate-sorted BAM (default: one per 64 MB, at least two per Dask worker; 1: one
+    (a HEAD per chunk: size and ETag) or ``read`` (every chunk read back: size and SHA-256). ``threads``: on
+    the default thread pool, the worker processes (one thread each) the shards of an indexed BAM run
+    on, else each shard's threads. ``shards``: key ranges of an indexed,
+    coordinate-sorted BAM (default: one per 64 MB, at least two per worker process or Dask worker; 1: one
     stream). ``resume``: take over a failed or killed run of the same conversion (same source
     size and mtime, or size and ETag on S3; same options), reusing its chunks; a failure keeps this run's chunks.
     """
