@@ -87,19 +87,17 @@ DECODE_GROUPS = {
     "qual-cm": ("bams3core.qualcodec._decode_kernel",),
     # seq frames of method 1, and the block consensus a derived MD column needs (FORMAT.md §12.2)
     "seq-cm": ("bams3core.seqcodec._decode_kernel",),
-    "consensus": ("bams3core.seqcodec._span_kernel", "bams3core.seqcodec._consensus_kernel"),
-    # tags frames of method 2 with derived columns (NM, MC, MD: §12.3)
-    "tags-derived": ("bams3core.kernels.nm_from_md_kernel", "bams3core.kernels.cigar_text_kernel",
-                     "bams3core.kernels.md_predict_kernel"),
+    "consensus": ("bams3core.seqcodec._consensus_kernel",),
+    # tags frames of method 2 with derived columns (MD: §12.3; NM and MC are numpy: bams3core.tags)
+    "tags-derived": ("bams3core.kernels.md_predict_kernel",),
 }
 
 # Relative compile cost (CPU seconds on the 2-core benchmark machine, numba 0.68), to split them.
 COMPILE_COST = {
     "bams3core.kernels.gather_kernel": 0.15, "bams3core.kernels.scatter_kernel": 0.15,
     "bams3core.kernels.rows_kernel": 0.15, "bams3core.qualcodec._decode_kernel": 1.0,
-    "bams3core.seqcodec._decode_kernel": 0.9, "bams3core.seqcodec._span_kernel": 0.22,
-    "bams3core.seqcodec._consensus_kernel": 0.28, "bams3core.kernels.nm_from_md_kernel": 0.23,
-    "bams3core.kernels.cigar_text_kernel": 0.45, "bams3core.kernels.md_predict_kernel": 0.65,
+    "bams3core.seqcodec._decode_kernel": 0.9, "bams3core.seqcodec._consensus_kernel": 0.28,
+    "bams3core.kernels.md_predict_kernel": 0.65,
 }
 
 
@@ -174,11 +172,8 @@ def declared_signatures() -> dict:
                                                W(i32, 2), W(i32), W(i32, 2), W(i32), W(i32, 2), W(i32), W(u8)),
         "bams3core.seqcodec._decode_kernel": (R(u8), i64, W(i64), W(i64), W(u32), W(i64), i64, i64,
                                               W(i32, 2), W(i32), W(u8), W(u8), W(i64), W(u8)),
-        "bams3core.seqcodec._span_kernel": (W(i64), W(i64), W(u32), W(i64)),
         "bams3core.seqcodec._consensus_kernel": (W(u8), W(i64), W(i64), W(u32), W(i64), i64, i64, W(u8), W(u8),
                                                  W(i64)),
-        "bams3core.kernels.nm_from_md_kernel": (W(u8), W(i64), W(i64), W(u32), W(i64), W(i64), W(i64)),
-        "bams3core.kernels.cigar_text_kernel": (W(u32), W(i64), W(i64), R(u8), W(u8), W(i64), W(u8)),
         "bams3core.kernels.md_predict_kernel": (W(u8), W(i64), W(i64), W(i64), W(u32), W(i64), W(i64), W(u8), i64,
                                                 R(u8), W(u8), W(i64), W(u8), W(u8)),
     }
