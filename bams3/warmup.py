@@ -180,10 +180,11 @@ def run_warmup(*, pairs: int = 300, threads: int = 2) -> WarmupReport:
 
 
 # -- a first query on an empty cache: compile on two cores ---------------------------------------
-# s: what the helper does before it compiles (a fresh interpreter importing numpy and numba, ~0.8 s
-# on the benchmark machine) beyond what this process does besides compiling (its own start-up,
-# the dataset, pysam and the output, ~1 s; the helper starts before this process imports numba)
-HELPER_START_COST = 0.0
+# s: what the helper does besides compiling (a fresh interpreter importing numpy and numba, and
+# numba's start-up) beyond what this process does besides compiling (its own start-up, the
+# dataset, pysam, the output; the helper starts before this process imports numba). Measured on
+# the benchmark machine (a first 1 kb query, both processes' CPU time): ~0.2.
+HELPER_START_COST = 0.2
 
 
 class ParallelCompile:
