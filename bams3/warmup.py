@@ -180,7 +180,11 @@ def run_warmup(*, pairs: int = 300, threads: int = 2) -> WarmupReport:
 
 
 # -- a first query on an empty cache: compile on two cores ---------------------------------------
-HELPER_START_COST = 0.5  # s: a fresh interpreter importing numpy and numba before it compiles
+# s: what the helper does besides compiling (a fresh interpreter importing numpy and numba, and
+# numba's start-up) beyond what this process does besides compiling (its own start-up, the
+# dataset, pysam, the output; the helper starts before this process imports numba). Measured on
+# the benchmark machine (a first 1 kb query, both processes' CPU time): ~0.2.
+HELPER_START_COST = 0.2
 
 
 class ParallelCompile:
@@ -234,15 +238,19 @@ class ParallelCompile:
 
     def _start(self) -> None:
         try:
-            from bams3core.jit import DECODE_GROUPS, compile_declared, uncached
+            from bams3core.jit import DECODE_GROUPS, compile_declared, likely_uncached, uncached
 
             names = [k for g in DECODE_GROUPS.values() for k in g]
-            missing = uncached(names)
+            # a fresh install (no cache index file): the helper starts before numba is imported here
+            absent = likely_uncached(names)
+            if absent:
+                self._spawn(self.split(absent)[1])
+            missing = uncached(names)  # imports numba, reads the cache's index files
             if not missing:
                 compile_declared(names)  # load them now, while the main thread waits for data
                 return
-            _own, other = self.split(missing)
-            self._spawn(other)
+            if self.proc is None:  # index files present, but stale
+                self._spawn(self.split(missing)[1])
         except Exception:  # noqa: BLE001 - an optimisation only: the decoders compile on first use
             pass
 
@@ -288,10 +296,10 @@ class ParallelCompile:
         if self.thread is not None:
             self.thread.join()
         needed = decode_kernels(columns.frames)
+        missing = uncached(needed)
+        if not missing:  # (a helper may still be compiling what this block does not need)
+            return
         if self.proc is None:  # not started early (or nothing was missing then)
-            missing = uncached(needed)
-            if not missing:
-                return
             self._spawn(self.split(missing)[1])
         other = [n for n in needed if n in self.helper_part]
         own = [n for n in needed if n not in other]

@@ -266,37 +266,44 @@ def _decode_kernel(data, start, l_seq, pos, cigar, n_cig, lo, span, f, tot, cons
     return ip - start
 
 
-@njit(cache=True, nogil=True)
-def _span_kernel(l_seq, pos, cigar, n_cig):
-    """(lo, hi): the smallest and one past the largest reference position a base aligns to."""
-    lo = np.int64(1) << 62
-    hi = -(np.int64(1) << 62)
-    c0 = 0
-    for i in range(l_seq.shape[0]):
-        nc = n_cig[i]
-        L = l_seq[i]
-        q = 0
-        r = pos[i]
-        for k in range(c0, c0 + nc):
-            w = cigar[k]
-            ln = np.int64(w >> 4)
-            op = w & 0xF
-            if op == 0 or op == 7 or op == 8:
-                take = ln if q + ln <= L else L - q
-                if take > 0:
-                    if r < lo:
-                        lo = r
-                    if r + take > hi:
-                        hi = r + take
-                    q += take
-                    r += take
-            elif op == 1 or op == 4:
-                q += ln
-            elif op == 2 or op == 3:
-                r += ln
-            if q >= L:
-                break
-        c0 += nc
+_BASE_OPS = np.zeros(16, bool)  # M = X: a base aligned to a reference position
+_BASE_OPS[[0, 7, 8]] = True
+_QUERY_OPS = _BASE_OPS.copy()  # ... and I, S: consume read bases
+_QUERY_OPS[[1, 4]] = True
+_REF_OPS = _BASE_OPS.copy()  # ... and D, N: consume reference
+_REF_OPS[[2, 3]] = True
+
+
+def _span(l_seq, pos, cigar, n_cig) -> tuple[int, int]:
+    """(lo, hi): the smallest and one past the largest reference position a base aligns to
+    (lo > hi if none). Each record's CIGAR is walked from ``pos``; a run of aligned bases is cut
+    at the read's length, and the walk ends once the read's bases are used up. Vectorised
+    (numpy): no compiled kernel."""
+    nc = np.asarray(n_cig, dtype=np.int64)
+    m = int(nc.sum())
+    lo, hi = 1 << 62, -(1 << 62)
+    if m == 0:
+        return lo, hi
+    if len(cigar) < m:
+        raise ValueError("CIGAR stream shorter than the records' n_cigar")
+    w = np.asarray(cigar[:m], dtype=np.uint32)
+    ln = (w >> 4).astype(np.int64)
+    op = w & 0xF
+    rec = np.repeat(np.arange(len(nc)), nc)
+    first = np.cumsum(nc) - nc
+    ql = np.where(_QUERY_OPS[op], ln, 0)
+    rl = np.where(_REF_OPS[op], ln, 0)
+    q0 = np.cumsum(ql) - ql  # read bases before each operation (from the block's start)
+    r0 = np.cumsum(rl) - rl
+    has = nc > 0
+    q0 -= np.repeat(q0[first[has]], nc[has])  # ... from the record's start
+    r0 += np.repeat(np.asarray(pos, dtype=np.int64)[has] - r0[first[has]], nc[has])
+    L = np.repeat(np.asarray(l_seq, dtype=np.int64), nc)
+    take = np.minimum(ln, L - q0)
+    use = _BASE_OPS[op] & (q0 < L) & (take > 0)  # the walk has not ended before this operation
+    if use.any():
+        lo = int(r0[use].min())
+        hi = int((r0[use] + take[use]).max())
     return lo, hi
 
 
@@ -319,7 +326,7 @@ def encode_seq(nibbles: np.ndarray, l_seq, pos, cigar, n_cigar, cctx: zstandard.
     nib = np.ascontiguousarray(nibbles, dtype=np.uint8)
     if len(nib) != int((l_seq + (l_seq & 1)).sum()) or (nib > 15).any():
         return cctx.compress(nib.tobytes())
-    lo, hi = _span_kernel(l_seq, pos, cigar, n_cigar)
+    lo, hi = _span(l_seq, pos, cigar, n_cigar)
     span = int(hi - lo) if hi > lo else 0
     if span > WRITE_MAX_SPAN:
         return cctx.compress(nib.tobytes())
@@ -394,7 +401,7 @@ def block_consensus(nibbles, l_seq, pos, cigar, n_cigar, max_span: int = MAX_SPA
     no base aligns), after all records voted as in §12.2; None if the span exceeds ``max_span``
     (a decoder: MAX_SPAN; the writer derives MD only up to WRITE_MAX_SPAN)."""
     l_seq, pos, cigar, n_cigar = _prep(l_seq, pos, cigar, n_cigar)
-    lo, hi = _span_kernel(l_seq, pos, cigar, n_cigar)
+    lo, hi = _span(l_seq, pos, cigar, n_cigar)
     span = int(hi - lo) if hi > lo else 0
     if span > max_span:
         return None

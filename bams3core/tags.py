@@ -185,27 +185,78 @@ def _derived_nm(md_vals, md_rows, rows, cigar, cig_start, n_cig) -> np.ndarray:
     idx = np.minimum(np.searchsorted(md_rows, rows), len(md_rows) - 1)
     ok = md_rows[idx] == rows
     if ok.any():
-        from .kernels import nm_from_md_kernel  # numba: imported where used, not with the codec
-
         r = rows[ok]
-        sub = np.empty(int(ok.sum()), dtype=np.int64)
-        nm_from_md_kernel(_writable(md_vals, np.uint8), ms[idx[ok]], ml[idx[ok]],
-                          cigar, np.ascontiguousarray(cig_start[r]), np.ascontiguousarray(n_cig[r]), sub)
-        out[ok] = sub
+        out[ok] = _nm_from_md(np.asarray(md_vals, dtype=np.uint8), ms[idx[ok]], ml[idx[ok]], cigar,
+                              np.asarray(cig_start)[r], np.asarray(n_cig)[r])
     return out
 
 
-def _cigar_texts(cigar, cig_start, n_cig, recs) -> tuple[np.ndarray, np.ndarray]:
-    """(bytes, starts): the NUL-terminated SAM CIGAR text of each record in ``recs``."""
-    from .kernels import _CIGAR_CHARS, cigar_text_kernel  # numba: imported where used
+def _segment_sums(vals: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Sums of consecutive pieces of ``vals`` (int64) of lengths ``lens``."""
+    c = np.zeros(len(vals) + 1, dtype=np.int64)
+    np.cumsum(vals, out=c[1:])
+    end = np.cumsum(lens)
+    return c[end] - c[end - lens]
 
-    cs = np.ascontiguousarray(cig_start[recs], dtype=np.int64)
-    nc = np.ascontiguousarray(n_cig[recs], dtype=np.int64)
-    st = np.zeros(len(recs) + 1, dtype=np.int64)
-    digits = np.empty(12, np.uint8)
-    total = cigar_text_kernel(cigar, cs, nc, _CIGAR_CHARS, np.empty(0, np.uint8), st, digits)
-    out = np.empty(total, np.uint8)
-    cigar_text_kernel(cigar, cs, nc, _CIGAR_CHARS, out, st, digits)
+
+def _pieces(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """The indices ``starts[k] .. starts[k] + lens[k] - 1`` of every piece, concatenated."""
+    total = int(lens.sum())
+    return np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(total, dtype=np.int64)
+
+
+def _nm_from_md(md, md_start, md_len, cigar, cig_start, n_cig) -> np.ndarray:
+    """NM implied by each MD string ``md[md_start[k]:+md_len[k]]`` (its NUL excluded) and the
+    record's CIGAR ``cigar[cig_start[k]:+n_cig[k]]``: the mismatch letters of MD (letters after
+    ``^`` up to the next digit are deleted bases, not counted) plus the lengths of the I and D
+    operations; -1 if a byte of MD is neither a digit, a letter nor ``^``. Vectorised (numpy)."""
+    md_start, md_len = np.asarray(md_start, np.int64), np.asarray(md_len, np.int64)
+    cig_start, n_cig = np.asarray(cig_start, np.int64), np.asarray(n_cig, np.int64)
+    c = md[_pieces(md_start, md_len)]
+    digit = (c >= 48) & (c <= 57)
+    caret = c == 94
+    letter = ((c >= 65) & (c <= 90)) | ((c >= 97) & (c <= 122))
+    at = np.arange(len(c), dtype=np.int64)
+    # a letter is a deleted base iff the last non-letter before it in its string is '^'
+    last = np.maximum.accumulate(np.where(letter, -1, at)) if len(c) else at
+    own = last >= np.repeat(np.cumsum(md_len) - md_len, md_len)
+    deleted = own & caret[np.maximum(last, 0)] if len(c) else own
+    nm = _segment_sums((letter & ~deleted).astype(np.int64), md_len)
+    bad = _segment_sums((~(digit | caret | letter)).astype(np.int64), md_len) > 0
+    w = np.asarray(cigar, dtype=np.uint32)[_pieces(cig_start, n_cig)]
+    op = w & 0xF
+    nm += _segment_sums(np.where((op == 1) | (op == 2), (w >> 4).astype(np.int64), 0), n_cig)
+    nm[bad] = -1
+    return nm
+
+
+_CIGAR_CHARS = np.frombuffer(b"MIDNSHP=X" + b"?" * 7, dtype=np.uint8)  # '?': no such operation
+_POW10 = 10 ** np.arange(10, dtype=np.int64)
+
+
+def _cigar_texts(cigar, cig_start, n_cig, recs) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes, starts): the NUL-terminated SAM CIGAR text of each record in ``recs`` (``*`` if it
+    has no CIGAR); record k's text is ``bytes[starts[k]:starts[k+1]]``. Vectorised (numpy)."""
+    cs = np.asarray(cig_start, dtype=np.int64)[recs]
+    nc = np.asarray(n_cig, dtype=np.int64)[recs]
+    w = np.asarray(cigar, dtype=np.uint32)[_pieces(cs, nc)]
+    ln = (w >> 4).astype(np.int64)
+    nd = 1 + (ln[:, None] >= _POW10[1:]).sum(axis=1)  # decimal digits of each length
+    width = nd + 1  # digits and the operation's letter
+    per_rec = _segment_sums(width, nc) + 1 + (nc == 0)  # ... NUL, and '*' for no CIGAR
+    st = np.zeros(len(nc) + 1, dtype=np.int64)
+    np.cumsum(per_rec, out=st[1:])
+    out = np.empty(int(st[-1]), dtype=np.uint8)
+    out[st[1:] - 1] = 0
+    out[st[:-1][nc == 0]] = 42
+    if len(w):
+        rec = np.repeat(np.arange(len(nc)), nc)
+        ex = np.cumsum(width) - width
+        at = st[:-1][rec] + ex - ex[(np.cumsum(nc) - nc)[rec]]  # where each operation's text starts
+        out[at + nd] = _CIGAR_CHARS[w & 0xF]
+        for e in range(int(nd.max())):  # the e-th digit from the right
+            has = nd > e
+            out[(at + nd - 1 - e)[has]] = 48 + (ln[has] // _POW10[e]) % 10
     return out, st
 
 
