@@ -121,6 +121,7 @@ class DatasetWriter:
         self.prepared = False
         self.committed = False
         self._sweeper: Future | None = None
+        self._empty_before = False  # prepare() found no object at all under the prefix
         self._writer_pool: ThreadPoolExecutor | None = None
         self._writes: list[Future] = []
 
@@ -148,7 +149,7 @@ class DatasetWriter:
             except IndexError_:
                 self.previous = None
         else:
-            foreign = runs.foreign_key(self.store)
+            foreign, self._empty_before = runs.survey(self.store)
             if foreign is not None:
                 raise DatasetError(f"{self.store.uri}: not empty and not a bams3 dataset (it holds {foreign}); "
                                    "convert into an empty directory or prefix")
@@ -162,7 +163,8 @@ class DatasetWriter:
     def _sweep_leftovers(self) -> None:
         # Leftovers of conversions that died; live runs (fresh lease, or young objects of a
         # run without one) and the committed dataset are kept.
-        plan = runs.find_leftovers(self.store, own={self.run_id})
+        # an empty prefix before the lease: only unfinished uploads can be dead runs' leftovers
+        plan = runs.find_leftovers(self.store, own={self.run_id}, empty_before=self._empty_before)
         if plan:
             runs.remove(self.store, plan)
 
