@@ -39,7 +39,7 @@ def _add_store_options(p: argparse.ArgumentParser, *, write: bool) -> None:
                    help="S3 requests in flight: uploads, ranged reads (default: 2 x --threads)")
     if write:
         g.add_argument("--s3-part-size", type=_size, default=None, metavar="SIZE",
-                       help="multipart part size, 5M..5G (default 10M)")
+                       help="multipart part size, 5M..5G (default 10M); objects up to twice it are one PutObject")
         g.add_argument("--s3-storage-class", "--storage-class", dest="storage_class", metavar="CLASS",
                        help="S3 storage class for chunk objects (e.g. STANDARD, INTELLIGENT_TIERING, STANDARD_IA)")
         g.add_argument("--sse", choices=["AES256", "aws:kms"], help="server-side encryption")

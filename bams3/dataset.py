@@ -86,6 +86,8 @@ class DatasetWriter:
     the run's lease in the orchestrating process and commits their results.
     """
 
+    WRITE_THREADS = 4  # index and header objects written at once by a commit
+
     def __init__(self, store: Store, header: BamHeader, *, block_bytes: int, chunk_bytes: int,
                  overwrite: bool = False, sorted_by: str = "input", source: str = "",
                  run_id: str | None = None, extra: dict | None = None, keep_snapshots: int = 1,
@@ -119,6 +121,9 @@ class DatasetWriter:
         self.prepared = False
         self.committed = False
         self._sweeper: Future | None = None
+        self._empty_before = False  # prepare() found no object at all under the prefix
+        self._writer_pool: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
 
     # -- lifecycle -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -144,7 +149,7 @@ class DatasetWriter:
             except IndexError_:
                 self.previous = None
         else:
-            foreign = runs.foreign_key(self.store)
+            foreign, self._empty_before = runs.survey(self.store)
             if foreign is not None:
                 raise DatasetError(f"{self.store.uri}: not empty and not a bams3 dataset (it holds {foreign}); "
                                    "convert into an empty directory or prefix")
@@ -158,7 +163,8 @@ class DatasetWriter:
     def _sweep_leftovers(self) -> None:
         # Leftovers of conversions that died; live runs (fresh lease, or young objects of a
         # run without one) and the committed dataset are kept.
-        plan = runs.find_leftovers(self.store, own={self.run_id})
+        # an empty prefix before the lease: only unfinished uploads can be dead runs' leftovers
+        plan = runs.find_leftovers(self.store, own={self.run_id}, empty_before=self._empty_before)
         if plan:
             runs.remove(self.store, plan)
 
@@ -187,7 +193,7 @@ class DatasetWriter:
         self.wide = any(r.wide for r in results)
         self.index, self._rows, self._rows_ref = [], [], None
         if len(rows):
-            self._add_rows(rows)
+            self._add_rows(rows)  # index objects uploading (in parallel) while the rest is built
         return self.commit()
 
     def _add_rows(self, rows: np.ndarray) -> None:
@@ -217,21 +223,53 @@ class DatasetWriter:
         key = f"{self.prefix}index/{name}.b3i"
         data, pages = encode_index_pages(rows)
         self._swept()
-        self.store.set(key, data)
+        self._write(key, data)
         self.index.append(ObjectRef(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
                                     n_blocks=len(rows), n_records=int(rows["n_records"].sum()), ref_id=ref_id,
                                     pages=[p.to_list() for p in pages]))
         self._rows = []
         self._rows_ref = None
 
+    def _write(self, key: str, data: bytes, **kw) -> None:
+        """Start writing a run object (index, header) on the writer's pool; :meth:`_written`
+        waits for all of them. They are independent small objects: in parallel, a commit costs
+        one round trip for them instead of one per reference."""
+        if self._writer_pool is None:
+            self._writer_pool = ThreadPoolExecutor(self.WRITE_THREADS, thread_name_prefix="bams3-commit")
+        self._writes.append(self._writer_pool.submit(self.store.set, key, data, **kw))
+
+    def _written(self) -> None:
+        """Wait for every write :meth:`_write` started (all of them, even after one failed, so an
+        abort never races an upload still in flight); re-raise the first error."""
+        writes, self._writes = self._writes, []
+        futures_wait(writes)
+        pool, self._writer_pool = self._writer_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for f in writes:
+            f.result()
+
+    def _settle_writes(self) -> None:
+        try:
+            self._written()
+        except Exception:  # noqa: BLE001 - the failure that matters is being handled already
+            pass
+
     def commit(self) -> Manifest:
         """Write index remainder, header and — last — the manifest, conditionally: created if
         absent, or (``overwrite``) replacing exactly the manifest :meth:`prepare` read."""
+        try:
+            return self._commit()
+        finally:
+            self._settle_writes()  # after an error too: nothing of the commit stays in flight
+
+    def _commit(self) -> Manifest:
         self._swept()
         self._flush_index()
         htext = self.header.text.encode("utf-8", errors="surrogateescape")
         hkey = f"{self.prefix}{HEADER_KEY}"
-        self.store.set(hkey, htext)
+        self._write(hkey, htext)
+        self._written()  # every index object and the header are stored before the manifest names them
         if sorted(self.chunks) != list(range(len(self.chunks))):
             raise DatasetError("internal error: missing chunk uploads")
         chunks = [self.chunks[i] for i in range(len(self.chunks))]
@@ -280,17 +318,27 @@ class DatasetWriter:
         # record this commit as a snapshot, remove the runs beyond the retention and this
         # run's spill leftovers, then the lease (best effort: a failure here leaves garbage that
         # a later commit, sweep or `bams3 cleanup` removes)
-        try:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="bams3-tmp")
+        tmp = pool.submit(self._remove_tmp)
+        pool.shutdown(wait=False)
+        try:  # while this run's _tmp/ goes on another thread
             self.store.set(layout.snapshot_key(self.run_id), text, content_type="application/json")
             snapshots.apply_retention(self.store, current=self.run_id, previous=prev_run,
                                       keep=self.keep_snapshots, keep_days=self.keep_days)
+        except Exception:  # noqa: BLE001
+            pass
+        futures_wait([tmp])
+        self._end_lease()
+        return manifest
+
+    def _remove_tmp(self) -> None:
+        """Delete this run's ``_tmp/<run>/`` (ledger, resume record, spill runs): best effort."""
+        try:
             old = [o.key for o in self.store.list_prefix(f"_tmp/{self.run_id}/")]
             if old:
                 self.store.delete(old)
         except Exception:  # noqa: BLE001
             pass
-        self._end_lease()
-        return manifest
 
     def _committed_here(self) -> bool:
         """After a failed conditional manifest write: did an earlier attempt of ours succeed
@@ -315,6 +363,7 @@ class DatasetWriter:
             return
         if self._sweeper is not None:
             futures_wait([self._sweeper])
+        self._settle_writes()
         if self.lease is not None:
             try:
                 self.lease.fail()
@@ -328,6 +377,7 @@ class DatasetWriter:
         try:
             if self._sweeper is not None:
                 futures_wait([self._sweeper])  # it may still be listing/deleting: let it finish first
+            self._settle_writes()  # and no index/header upload may land after the listing
             mine = (self.prefix, f"_tmp/{self.run_id}/")
             self.store.abort_uploads([u for p in mine for u in self.store.incomplete_uploads(p)])
             keys = [o.key for p in mine for o in self.store.list_prefix(p)]

@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from bams3core import layout
 from bams3core.index import MANIFEST_KEY
@@ -88,16 +89,36 @@ class Lease:
         self.store.delete([self.key])
 
 
-def find_leftovers(store: Store, *, own: set[str] = frozenset()) -> layout.Removal:
+def find_leftovers(store: Store, *, own: set[str] = frozenset(), empty_before: bool = False) -> layout.Removal:
     """What dead runs left on ``store`` (nothing of ``own`` runs, of runs that may be alive,
-    or of the committed dataset). Listings first, then the manifest, then the clock."""
+    or of the committed dataset). Listings first, then the manifest, then the clock.
+
+    ``empty_before``: the caller listed the whole prefix, found no object at all, and only then
+    wrote its lease. Every object there now was written after that listing, so it is too young
+    to be a dead run's (a lease younger than the TTL, objects younger than an hour) and no run
+    is committed: only unfinished uploads (which listings do not show) can be dead, so only
+    they are listed."""
+    if empty_before:
+        uploads = [layout.Listed(u.key, u.initiated, u.upload_id) for u in store.incomplete_uploads("")
+                   if layout.classify(u.key) is not None]
+        if not uploads:
+            return layout.Removal()
+        return find_leftovers(store, own=own)  # an upload is left: judge it as usual, on the listings
+    # the run prefixes and the unfinished uploads are listed at once (one round trip instead
+    # of four); each listing is a snapshot of some moment anyway, and all of them end before
+    # the snapshots are listed and the manifest is read
+    with ThreadPoolExecutor(len(RUN_PREFIXES) + 1, thread_name_prefix="bams3-list") as pool:
+        listings = [pool.submit(lambda p: list(store.list_prefix(p)), p) for p in RUN_PREFIXES]
+        pending = pool.submit(lambda: list(store.incomplete_uploads("")))
+        listed = [f.result() for f in listings]
+        unfinished = pending.result()
     objects, seen = [], set()
-    for prefix in RUN_PREFIXES:
-        for o in store.list_prefix(prefix):
+    for infos in listed:
+        for o in infos:
             if layout.classify(o.key) is not None and o.key not in seen:
                 seen.add(o.key)
                 objects.append(layout.Listed(o.key, o.last_modified))
-    uploads = [layout.Listed(u.key, u.initiated, u.upload_id) for u in store.incomplete_uploads("")
+    uploads = [layout.Listed(u.key, u.initiated, u.upload_id) for u in unfinished
                if u.key not in seen and layout.classify(u.key) is not None]
     # the runs of retained snapshots (§2.6) are committed runs too: listed after the runs
     snapshot_runs = {r for r in (layout.snapshot_run(o.key) for o in store.list_prefix(layout.SNAPSHOTS)) if r}
@@ -124,7 +145,14 @@ def remove(store: Store, plan: layout.Removal) -> None:
 
 def foreign_key(store: Store) -> str | None:
     """The first key under the dataset prefix that no bams3 writer creates, or None."""
+    return survey(store)[0]
+
+
+def survey(store: Store) -> tuple[str | None, bool]:
+    """(:func:`foreign_key`, whether the prefix holds no object at all), from one listing."""
+    empty = True
     for o in store.list_prefix(""):
+        empty = False
         if layout.classify(o.key) is None:
-            return o.key
-    return None
+            return o.key, False
+    return None, empty

@@ -428,3 +428,50 @@ def test_two_concurrent_overwrites_s3(small_bam, s3_env):
     assert any(k.startswith(f"race/data/{winner}/") for k in keys)
     assert _uploads(c, s3_env.bucket) == []
     assert run_cli("verify", uri, env=env).returncode == 0
+
+
+def test_sweep_of_a_prefix_found_empty_lists_only_uploads(tmp_path):
+    """prepare() found the prefix empty before writing its lease: everything listed now is
+    younger than that, so the sweep asks only for unfinished uploads (no listing of runs/,
+    data/, _tmp/, snapshots/, no manifest read); an upload it finds sends it the usual way."""
+    from bams3.runs import find_leftovers
+    from bams3.store import LocalStore
+
+    calls = []
+
+    class Recording(LocalStore):
+        def list_prefix(self, prefix=""):
+            calls.append(("list", prefix))
+            return super().list_prefix(prefix)
+
+        def incomplete_uploads(self, prefix=""):
+            calls.append(("uploads", prefix))
+            return super().incomplete_uploads(prefix)
+
+        def get(self, key, *a, **kw):
+            calls.append(("get", key))
+            return super().get(key, *a, **kw)
+
+    root = tmp_path / "ds"
+    _write(root, f"runs/{LIVE}.json", b"{}")  # a run that started after the listing
+    store = Recording(str(root))
+    assert not find_leftovers(store, own={DEAD}, empty_before=True)
+    assert calls == [("uploads", "")]
+    # a dead run's temporary file (an unfinished upload, locally): the full sweep judges it
+    _write(root, f"data/{DEAD}/chunks/.tmp-ab_d3f9z", age=7200)
+    calls.clear()
+    plan = find_leftovers(store, empty_before=True)
+    assert [u.key for u in plan.uploads] == [f"data/{DEAD}/chunks/.tmp-ab_d3f9z"]
+    assert ("list", "runs/") in calls and ("get", "manifest.json") in calls
+
+
+def test_s3_dead_upload_in_an_empty_prefix_is_aborted(small_bam, s3_env):
+    """A prefix with no object but a dead run's unfinished upload (moto dates every upload
+    2010): the conversion into it aborts that upload."""
+    env = _env(s3_env)
+    c = s3_env.client()
+    b = s3_env.bucket
+    c.create_multipart_upload(Bucket=b, Key=f"empty/data/{DEAD}/chunks/000001.b3c")
+    run_cli("convert", "-q", small_bam["bam"], s3_env.uri("empty"), env=env)
+    assert not [k for k in _uploads(c, b) if k.startswith("empty/")]
+    assert run_cli("verify", s3_env.uri("empty"), env=env).returncode == 0

@@ -29,11 +29,12 @@ def sample(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def big_sample(tmp_path_factory):
-    """Full-resolution qualities compress less: one chunk object > 5 MiB (two parts)."""
+    """Full-resolution qualities compress less: one chunk object > 10 MiB (with 5 MiB parts,
+    above the multipart threshold of twice the part size: a multipart upload of three parts)."""
     from bams3.sample import make_sample
 
     d = tmp_path_factory.mktemp("s3big")
-    paths = make_sample(d, n_pairs=60000, seed=4, qual_mode="full")
+    paths = make_sample(d, n_pairs=70000, seed=4, qual_mode="full")
     local = d / "local"
     run_cli("convert", "-q", paths["bam"], local)
     return {"bam": paths["bam"], "local": local}

@@ -204,6 +204,25 @@ def test_multipart_upload(s3_env, flaky_proxy):
             assert f.read() == data[5:]
 
 
+def test_multipart_threshold(s3_env, flaky_proxy):
+    # up to twice the part size: one PutObject (a 16 MiB chunk with 10 MiB parts is one
+    # request, not create + 2 parts + complete); above it: multipart in part-size parts
+    with make_store(s3_env, part_size=5 * MiB) as st:
+        assert st.multipart_threshold == 10 * MiB
+        small, big = os.urandom(10 * MiB), os.urandom(10 * MiB + 1)
+        info = st.set("ten.bin", small, kind="chunk")
+        assert flaky_proxy.stats["by_op"] == {"PutObject": 1} and info.size == len(small)
+        flaky_proxy.reset()
+        info = st.set("more.bin", big, kind="chunk")
+        assert flaky_proxy.stats["by_op"] == {"CreateMultipartUpload": 1, "UploadPart": 3,
+                                              "CompleteMultipartUpload": 1}
+        assert info.etag.endswith("-3") and st.get("more.bin") == big and st.get("ten.bin") == small
+    with make_store(s3_env, part_size=5 * MiB, multipart_threshold=5 * MiB) as st:
+        flaky_proxy.reset()
+        st.set("six.bin", os.urandom(6 * MiB))
+        assert flaky_proxy.stats["by_op"]["UploadPart"] == 2
+
+
 def test_put_sends_checksum(s3_env, flaky_proxy):
     with make_store(s3_env) as st:
         st.set("small.bin", b"x" * 1000)
@@ -222,10 +241,11 @@ def test_conditional_set(s3_env):
         assert st.get("manifest.json") == b'{"v": 1}'
         st.set("manifest.json", b'{"v": 3}')  # unconditional overwrite
         assert st.get("manifest.json") == b'{"v": 3}'
-        # above the part size a conditional write is still one atomic PutObject
-        st.set("big", b"\0" * (6 * MiB), if_none_match=True)
+        # above the multipart threshold a conditional write is still one atomic PutObject
+        assert st.multipart_threshold < 11 * MiB
+        st.set("big", b"\0" * (11 * MiB), if_none_match=True)
         with pytest.raises(PreconditionFailed):
-            st.set("big", b"\1" * (6 * MiB), if_none_match=True)
+            st.set("big", b"\1" * (11 * MiB), if_none_match=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@
 - Retries: botocore's ``standard`` (or ``adaptive``) retry mode with exponential backoff and
   jitter for throttling (503 SlowDown), 5xx and connection errors; this module adds retries of
   failures while *reading a response body*, which botocore does not retry.
-- Writes: PutObject up to ``part_size``, multipart (s3transfer) above it, with a CRC32
-  checksum S3 verifies; failed multipart uploads are aborted.
+- Writes: one PutObject up to ``multipart_threshold`` (default twice ``part_size``: a chunk of
+  the default 16 MiB is one request), multipart (s3transfer, parts of ``part_size`` in
+  parallel) above it; every request carries a CRC32 checksum S3 verifies; failed multipart
+  uploads are aborted.
 - Metadata objects are cached on disk (see :mod:`bams3.store.cache`) via :meth:`S3Store.get_small`.
 - Every failure becomes a one-line :class:`~bams3.errors.StoreError` from :func:`translate_error`.
 """
@@ -140,8 +142,17 @@ def effective_part_size(size: int, part_size: int) -> int:
     return min(MAX_PART_SIZE, -(-need // MiB) * MiB)
 
 
+def default_multipart_threshold(part_size: int) -> int:
+    """Objects up to this size are one PutObject: twice the part size. A multipart upload costs
+    two more requests (create, complete) and S3 assembling the parts; below two full parts it
+    buys little parallelism for that (a 16 MiB chunk with 10 MiB parts: one 10 MiB and one
+    6 MiB part)."""
+    return 2 * part_size
+
+
 def s3_transfer_config(part_size: int = DEFAULT_PART_SIZE, concurrency: int = 8):
-    """The s3transfer config for multipart uploads (threshold = chunk size = part size)."""
+    """The s3transfer config for multipart uploads (parts of ``part_size``; the store decides
+    what goes multipart, so s3transfer's own threshold is the part size)."""
     from boto3.s3.transfer import TransferConfig
 
     return TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
@@ -322,13 +333,18 @@ class S3Store(Store):
                  cache_ttl: float = 300.0, session=None, max_attempts: int = 8,
                  retry_mode: str | None = None, endpoint_url: str | None = None,
                  connect_timeout: float = 10.0, read_timeout: float = 60.0,
-                 checksum_algorithm: str | None = "CRC32", range_coalesce_gap: int = 0):
+                 checksum_algorithm: str | None = "CRC32", range_coalesce_gap: int = 0,
+                 multipart_threshold: int | None = None):
         if not bucket:
             raise InputError("S3 bucket name is empty: expected s3://bucket/prefix")
         self.bucket = bucket
         self.prefix = (prefix or "").strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.part_size = check_part_size(part_size)
+        # objects up to this size are one PutObject, larger ones multipart in part_size parts
+        self.multipart_threshold = max(self.part_size, int(
+            multipart_threshold if multipart_threshold is not None
+            else default_multipart_threshold(self.part_size)))
         if concurrency is None:
             concurrency = min(32, 2 * (os.cpu_count() or 4))
         try:
@@ -717,7 +733,7 @@ class S3Store(Store):
                 "application/octet-stream"
         full = self._full(key)
         extra = self._extra_args(content_type, kind)
-        if len(data) <= self.part_size or if_none_match or if_match is not None:
+        if len(data) <= self.multipart_threshold or if_none_match or if_match is not None:
             # conditional writes are one PutObject (atomic; s3transfer cannot send conditions)
             info = self._put(key, full, bytes(data), extra, if_none_match, if_match)
         else:
