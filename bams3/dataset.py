@@ -131,9 +131,9 @@ class DatasetWriter:
         holding anything but bams3 objects, take this run's lease, then clear dead runs.
 
         The refusals come before any write; the leftover sweep (listings, aborts, deletes: a
-        few round trips on S3) runs on a background thread while the first chunk is being
-        encoded, and is joined before this run writes a chunk, an index or the manifest (its
-        errors surface there). It removes only what :func:`bams3.runs.find_leftovers`
+        few round trips on S3) runs on a background thread (while a conversion plans its shards)
+        and is joined before this run writes a chunk, an index or the manifest (a conversion
+        joins it before any shard starts; its errors surface there). It removes only what :func:`bams3.runs.find_leftovers`
         attributes to dead runs: never a live run's objects, never a key outside the layout."""
         try:
             data, info = self.store.get_with_info(MANIFEST_KEY)
