@@ -271,8 +271,38 @@ def unserve(run_id: str) -> None:
 
 def worth_it(jobs: list, processes: int, inp=None) -> bool:
     """Whether ``jobs`` go to worker processes: two or more key-range shards (each reads its own
-    part of an indexed file), two or more processes, and no open input (a stream stays here)."""
-    return processes > 1 and inp is None and len(jobs) > 1 and all(j.kind == "range" for j in jobs)
+    part of an indexed file), two or more processes, no open input (a stream stays here), and
+    a main module the workers may import (:func:`main_reimport_safe`)."""
+    return (processes > 1 and inp is None and len(jobs) > 1 and all(j.kind == "range" for j in jobs)
+            and main_reimport_safe())
 
 
-__all__ = ["ShardPool", "WorkerDied", "prestart", "share", "serve", "serving", "unserve", "worth_it", "run_job"]
+#: main modules known to guard what they run with ``if __name__ == "__main__"``
+_SAFE_MAIN_MODULES = ("bams3.", "prefect.engine", "flows.", "tasks.")
+
+
+def main_reimport_safe() -> bool:
+    """Whether worker processes may be started from this process. A forkserver's (or spawn's)
+    worker imports the caller's main module before it runs anything, as ``__mp_main__``: a
+    script that calls a flow at its top level, without ``if __name__ == "__main__":``, would
+    run it again in every worker. Safe: no main file (``python -c``, a REPL, a notebook), a
+    ``__main__`` module run with ``-m`` (never re-imported), bams3's and Prefect's engine
+    modules, and the console-script wrappers pip writes (they guard their call); anything else
+    (a user's script) runs the shards in this process instead."""
+    import sys
+    import sysconfig
+
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None:
+        return name == "__main__" or name.endswith(".__main__") or \
+            any(name == m or name.startswith(m) for m in _SAFE_MAIN_MODULES)
+    path = getattr(main, "__file__", None)
+    if path is None:
+        return True
+    scripts = {os.path.realpath(sysconfig.get_path("scripts")), os.path.realpath(os.path.dirname(sys.executable))}
+    return os.path.realpath(os.path.dirname(os.path.abspath(path))) in scripts
+
+
+__all__ = ["ShardPool", "WorkerDied", "prestart", "share", "serve", "serving", "unserve", "worth_it", "run_job",
+           "main_reimport_safe"]

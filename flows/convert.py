@@ -284,11 +284,16 @@ def _on_thread_pool() -> bool:
 def _processes(threads: int, spec: dict, source_store: dict | None) -> int:
     """Worker processes for the shards on the flow's own thread pool: ``threads`` (each with
     one thread), as ``bams3 convert`` does. 1 (shards in the task threads) on another task
-    runner, or when the stores name an ``AwsCredentials`` block (a worker process could not
-    load it: it has no Prefect context)."""
+    runner, when the stores name an ``AwsCredentials`` block (a worker process could not
+    load it: it has no Prefect context), or when the workers would re-run the calling script
+    (:func:`bams3.shardpool.main_reimport_safe`)."""
     if not _on_thread_pool():
         return 1
     if any((s or {}).get("options", {}).get("aws_credentials_block") for s in (spec, source_store)):
+        return 1
+    if threads > 1 and not shardpool.main_reimport_safe():
+        get_run_logger().info("the shards run on this process's threads: worker processes would import this "
+                              "script again (call the flow under `if __name__ == \"__main__\":` to use them)")
         return 1
     return max(1, threads)
 

@@ -211,3 +211,32 @@ def test_resume_after_kill(bam, tmp_path, capsys):
     m = re.search(r"resumed a previous run: (\d+) chunks reused", capsys.readouterr().err)
     assert m and int(m.group(1)) >= 1
     assert query(dest) == samtools_view(bam)
+
+
+def test_unguarded_script_runs_its_shards_in_process(bam, tmp_path):
+    """A worker process imports the caller's main module first: a script that converts at its
+    top level, without ``if __name__ == "__main__":``, would convert again in every worker (and
+    the pool would break). Such a caller gets its shards run in its own process instead; `python
+    -c` and bams3's own entry points keep the workers."""
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\n"
+        "from bams3 import shardpool\n"
+        "from bams3.convert import ConvertOptions, convert\n"
+        "from bams3.store import open_store\n"
+        "print('safe', shardpool.main_reimport_safe(), flush=True)\n"
+        "with open_store(sys.argv[2]) as st:\n"
+        "    r = convert(sys.argv[1], st, ConvertOptions(processes=2, threads=2, shards=3, chunk_bytes=1 << 18))\n"
+        "print('records', r.records, 'shards', r.shards, flush=True)\n")
+    out = tmp_path / "ds"
+    p = subprocess.run([sys.executable, str(script), bam, str(out)], capture_output=True, text=True, env=_env(),
+                       timeout=WAIT * 3)
+    assert p.returncode == 0, p.stderr[-2000:]
+    n = int(pysam.samtools.view("-c", bam).strip())
+    assert p.stdout.split() == ["safe", "False", "records", str(n), "shards", "4"], p.stdout
+    assert query(out) == samtools_view(bam)
+    code = "from bams3 import shardpool; print(shardpool.main_reimport_safe())"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "True"
+    assert shardpool.main_reimport_safe()  # pytest's console script (this process)
