@@ -28,6 +28,7 @@ Run ad hoc (no server needed: Prefect starts a temporary one)::
 from __future__ import annotations
 
 import os
+import queue
 import time
 from typing import Literal
 
@@ -98,6 +99,17 @@ def _failed(future) -> bool:
     return st.is_failed() or st.is_crashed() or st.is_cancelled()
 
 
+def _ended(ended: "queue.SimpleQueue", timeout: float) -> list:
+    """The futures that ended since the last call: waits up to ``timeout`` seconds for one."""
+    out = []
+    try:
+        out.append(ended.get(timeout=timeout))
+        while True:
+            out.append(ended.get_nowait())
+    except queue.Empty:
+        return out
+
+
 def prefect_stages(verify_mode: str, progress: Progress | None, spec: dict, processes: int = 1) -> dict:
     """``run_conversion`` keyword arguments that run the stages as Prefect tasks (``spec``:
     the destination store as plain values, for ``verify_shard``; ``processes`` > 1: the
@@ -117,19 +129,25 @@ def prefect_stages(verify_mode: str, progress: Progress | None, spec: dict, proc
             shardpool.serve(jobs[0].run_id, pool)
         ok = False
         try:
-            pending, futures, running = list(jobs), [], []
+            # the next shard starts as soon as one ends (prefect.futures.wait returns only when
+            # all have ended, or at its timeout: a free slot once stayed idle for seconds)
+            pending, futures, running, ended = list(jobs), [], [], queue.SimpleQueue()
+            n_done = 0
             while True:
                 while pending and len(running) < limit:
                     running.append(steps.shard.submit(pending.pop(0)))
+                    running[-1].add_done_callback(ended.put)
                     futures.append(running[-1])
-                done, not_done = wait(futures, timeout=PROGRESS_EVERY)
-                running = [f for f in running if f in not_done]
+                done = _ended(ended, PROGRESS_EVERY)
+                n_done += len(done)
+                running = [f for f in running if not any(f is d for d in done)]
                 if progress is not None:
-                    progress.poll(len(done))
+                    progress.poll(n_done)
                 if any(_failed(f) for f in done):
                     pending = []  # a failed shard fails the run: start no more
-                if not not_done and not pending:
+                if not running and not pending:
                     break
+            wait(futures)
             results = [f.result() for f in futures]  # raises the first failure (every shard has ended)
             ok = True
         finally:
