@@ -218,6 +218,14 @@ def test_failed_sweep_fails_the_conversion_before_commit(small_bam, tmp_path):
             return super().list_prefix(prefix)
 
     out = tmp_path / "ds"
+    # a dead run's leftover: the prefix is not empty, so the sweep lists the run prefixes (a
+    # prefix found empty needs only the unfinished uploads listed: FORMAT.md §2.3)
+    stale = out / "data" / "0123456789abcdef" / "chunks" / "000000.b3c"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left over")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
     with pytest.raises(StoreError, match="access denied"):
         convert(str(small_bam["bam"]), ListDenied(str(out)), ConvertOptions(threads=2))
-    _no_dataset(out)
+    assert not (out / "manifest.json").exists()
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == ["data/0123456789abcdef/chunks/000000.b3c"], left  # only what was there before
