@@ -109,7 +109,9 @@ def test_interrupted_conversion_leaves_nothing(big_sample, s3_env, flaky_proxy):
     env = dict(_env(s3_env), AWS_MAX_ATTEMPTS="2")
     flaky_proxy.fail_always(op="UploadPart")
     uri = s3_env.uri("broken.bams3")
-    r = run_cli("convert", "-q", "--s3-part-size", "5M", sample["bam"], uri, env=env, check=False)
+    # one stream (--shards 1): its chunk is over twice the part size, so it goes multipart (shards'
+    # smaller chunks would be single PUTs, which the fault does not touch)
+    r = run_cli("convert", "-q", "--shards", "1", "--s3-part-size", "5M", sample["bam"], uri, env=env, check=False)
     flaky_proxy.clear_faults()
     err = r.stderr.decode().strip().splitlines()
     assert r.returncode != 0 and len(err) == 1 and "Traceback" not in r.stderr.decode()
