@@ -93,7 +93,9 @@ def cmd_convert(args, argv) -> int:
     # the shards of an indexed BAM run on --threads worker processes (bams3.shardpool); their
     # forkserver starts now, and loads what they need while this process plans
     processes = 1 if args.dask or args.input == "-" else max(1, args.threads)
-    if processes > 1 and args.shards != 1 and _may_be_sharded(args.input):
+    from .stages import may_be_sharded
+
+    if processes > 1 and args.shards != 1 and may_be_sharded(args.input):
         from .shardpool import prestart
 
         prestart()
@@ -132,13 +134,6 @@ def cmd_convert(args, argv) -> int:
               f"({res.records / max(res.seconds, 1e-9):.0f} records/s; {len(m.chunks)} chunks, "
               f"{size / 1e6:.2f} MB)", file=sys.stderr)
     return 0
-
-
-def _may_be_sharded(path: str) -> bool:
-    """An input the plan may cut into shards: an S3 object, or a file with an index next to it."""
-    from .stages import find_index
-
-    return path.startswith("s3://") or (os.path.isfile(path) and find_index(path) is not None)
 
 
 def _open_dataset(args):

@@ -161,6 +161,11 @@ def source_identity(source: str) -> dict | None:
     return {"uri": os.path.abspath(source), "size": st.st_size, "mtime": st.st_mtime_ns}
 
 
+def may_be_sharded(source: str) -> bool:
+    """An input the plan may cut into shards: an S3 object, or a file with an index next to it."""
+    return source.startswith("s3://") or (os.path.isfile(source) and find_index(source) is not None)
+
+
 def find_index(path: str) -> str | None:
     base = path[:-4] if path.endswith(".bam") else path
     for p in (path + ".bai", path + ".csi", base + ".bai", base + ".csi"):

@@ -42,7 +42,7 @@ from bams3.convert import ConvertOptions, ConvertResult, run_conversion
 from bams3.dataset import DatasetWriter
 from bams3.errors import DatasetError, InputError
 from bams3 import shardpool, stages
-from bams3.stages import Plan, store_spec
+from bams3.stages import Plan, may_be_sharded, store_spec
 from bams3.store import parse_uri
 from bams3core.planner import DEFAULT_BLOCK_BYTES, DEFAULT_CHUNK_BYTES
 from tasks import pipeline as steps
@@ -240,7 +240,7 @@ def convert_to_s3(
             raise InputError(f"{source}: expected s3://bucket/path/to/file.bam")
         source_store = store_spec(f"s3://{bucket}", region=region, aws_credentials_block=aws_credentials_block)
     processes = _processes(threads, spec, source_store)
-    if processes > 1 and shards != 1 and _may_be_sharded(source):
+    if processes > 1 and shards != 1 and may_be_sharded(source):
         shardpool.prestart()  # the workers' forkserver loads what they need while the plan runs
     key = artifact_key("convert", destination)
     t0 = time.time()
@@ -253,10 +253,6 @@ def convert_to_s3(
                              workers=_runner_workers(processes), **stages)
         progress.finish()
     return _publish(res, source, destination, input_bytes, time.time() - t0, key)
-
-
-def _may_be_sharded(source: str) -> bool:
-    return is_s3(source) or (os.path.isfile(source) and stages.find_index(source) is not None)
 
 
 def _input_bytes(source: str, aws: dict) -> int | None:
