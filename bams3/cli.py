@@ -871,8 +871,40 @@ def _die_of_sigpipe() -> None:
     os._exit(128 + signal.SIGPIPE)  # not reached
 
 
+#: seconds the interpreter gets to end after a failed or interrupted command before the process
+#: ends without waiting any longer for threads (a worker pool's or an upload's) that would hang it
+EXIT_GRACE = 10.0
+
+
+def _bounded_exit(code: int) -> None:
+    """After a failed or interrupted command, all that is left is the interpreter's exit, which
+    joins threads (a process pool's manager thread, say) that a signal at the wrong moment can
+    leave stuck. The command is over, so the exit is bounded: a daemon thread ends the process
+    with ``code`` after :data:`EXIT_GRACE` seconds if it is still there."""
+    import threading
+    import time
+
+    def end() -> None:
+        time.sleep(EXIT_GRACE)
+        try:
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+        os._exit(code)
+
+    threading.Thread(target=end, name="bams3-exit", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The ``bams3`` program (``argv``: as called from Python, which keeps its process: no
+    bounded exit)."""
+    code = _main(list(sys.argv[1:] if argv is None else argv))
+    if code and argv is None:
+        _bounded_exit(code)
+    return code
+
+
+def _main(argv: list[str]) -> int:
     _limit_malloc_arenas()
     parser = build_parser()
     # `query -h` means "with header" (samtools); keep --help for help. Options may come between

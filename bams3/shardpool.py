@@ -40,7 +40,7 @@ from .errors import Bams3Error
 PRELOAD = ["bams3.shardwarm"]
 #: seconds between looks at the workers' progress and at the shards' futures
 POLL_SECONDS = 0.2
-#: seconds a stopped worker gets to exit before it is killed
+#: seconds to wait for killed workers to be reaped
 STOP_SECONDS = 5.0
 
 
@@ -210,18 +210,15 @@ class ShardPool:
     def close(self, stop: bool = False) -> None:
         """Wait for the workers to finish (``stop``: end them now: nothing they do is wanted)."""
         procs = list((getattr(self._pool, "_processes", None) or {}).values())
-        if stop:
+        if stop:  # SIGKILL: a stopped (or hung) worker would never act on SIGTERM
             for p in procs:
                 if p.is_alive():
-                    p.terminate()
+                    p.kill()
         self._pool.shutdown(wait=not stop, cancel_futures=stop)
         if stop:
             deadline = time.time() + STOP_SECONDS
             for p in procs:
                 p.join(max(0.0, deadline - time.time()))
-                if p.is_alive():
-                    p.kill()
-                    p.join(1.0)
         if self._queue is not None:
             self._queue.close()
             self._queue.join_thread()

@@ -282,3 +282,17 @@ def test_corrupt_chunk_on_s3(small, s3_env):
         line = _one_line_error(r, key, "checksum")
         assert "rewritten" not in line
     assert run_cli("verify", uri, check=False).returncode == 1
+
+
+def test_a_failed_command_never_hangs_at_exit(tmp_path):
+    """The interpreter's exit joins threads; one that never ends (a process pool's manager
+    thread stuck after a signal at the wrong moment, say) must not hold a failed or interrupted
+    command's process: it ends with its status after the grace period."""
+    import sys
+
+    code = ("import sys, threading; from bams3 import cli; cli.EXIT_GRACE = 0.5; "
+            "threading.Thread(target=threading.Event().wait, name='stuck').start(); sys.exit(cli.main())")
+    r = subprocess.run([sys.executable, "-c", code, "convert", str(tmp_path / "missing.bam"), str(tmp_path / "ds")],
+                       capture_output=True, timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "missing.bam" in err and err.count("\n") == 1, err
